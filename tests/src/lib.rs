@@ -1,0 +1,60 @@
+//! Shared support for the end-to-end tests in `tests/tests/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Path of one of the workspace's binaries (`gstacks-agent`,
+/// `gstacks-control`, `gstacks`, `gstacks-bench`) in the profile the tests
+/// were built with. The first call runs `cargo build --workspace --bins` with
+/// that profile, which is a no-op under `cargo test --workspace` and makes
+/// `cargo test -p tests` work on its own.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let profile_dir = BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let mut build = Command::new(env!("CARGO"));
+        // Variables that cargo sets for this test process (CARGO_MANIFEST_DIR,
+        // CARGO_PKG_*) would look like a changed environment to the build
+        // scripts of dependencies and force a rebuild; keep only the user's.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let users = [
+                "CARGO_HOME",
+                "CARGO_TARGET_DIR",
+                "CARGO_INCREMENTAL",
+                "CARGO_BUILD_JOBS",
+            ];
+            if key.starts_with("CARGO_") && !users.contains(&key.as_ref()) {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build
+            .args([
+                "build",
+                "--quiet",
+                "--workspace",
+                "--bins",
+                "--profile",
+                &profile,
+            ])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        profile_dir
+    });
+    let path = profile_dir.join(name);
+    assert!(path.exists(), "no binary {}", path.display());
+    path
+}
