@@ -1,7 +1,7 @@
 //! Compiles the contract with protox (pure Rust, so no system `protoc`) and
 //! records the build identity that every binary prints for `--version`.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
 const PROTOS: &[&str] = &[
@@ -26,17 +26,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn emit_build_identity() {
     // Rebuild the identity when the commit moves (HEAD, or the branch it
     // names), not on every edit: the index is deliberately not watched.
-    let git_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.git");
-    let head = git_dir.join("HEAD");
-    if head.exists() {
+    // `--git-dir` also works in a linked worktree, where `.git` is a file.
+    if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]).map(PathBuf::from) {
+        let common = git(&["rev-parse", "--path-format=absolute", "--git-common-dir"])
+            .map(PathBuf::from)
+            .unwrap_or_else(|| git_dir.clone());
+        let head = git_dir.join("HEAD");
         println!("cargo:rerun-if-changed={}", head.display());
         if let Some(branch) = std::fs::read_to_string(&head)
             .ok()
             .and_then(|h| h.strip_prefix("ref: ").map(|r| r.trim().to_owned()))
         {
-            let reference = git_dir.join(branch);
-            if reference.exists() {
-                println!("cargo:rerun-if-changed={}", reference.display());
+            for dir in [&git_dir, &common] {
+                let reference = dir.join(&branch);
+                if reference.exists() {
+                    println!("cargo:rerun-if-changed={}", reference.display());
+                }
+            }
+            let packed = common.join("packed-refs");
+            if packed.exists() {
+                println!("cargo:rerun-if-changed={}", packed.display());
             }
         }
     }
