@@ -4,6 +4,7 @@
 //! This crate knows nothing about networks, aliases or the control plane: it
 //! moves bytes between overlay addresses of authenticated peers.
 
+pub mod config;
 mod key;
 
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
