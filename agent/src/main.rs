@@ -1,14 +1,6 @@
-//! `gstacks-agent`: The GlobalStacks host agent.
+//! `gstacks-agent`: the GlobalStacks host agent. All logic lives in the
+//! library (`agent::command_line`).
 
-#[derive(clap::Parser, Debug)]
-#[command(
-    name = "gstacks-agent",
-    about = "The GlobalStacks host agent",
-    version,
-    long_version = proto::build_info::LONG_VERSION
-)]
-struct Args {}
-
-fn main() {
-    let _args: Args = proto::build_info::parse_args();
+fn main() -> std::process::ExitCode {
+    agent::command_line::main(proto::build_info::parse_args())
 }

@@ -1,0 +1,16 @@
+//! `gstacks-agent`, the GlobalStacks host agent, as a library: `main.rs`
+//! only parses the command line and calls [`command_line::main`].
+//!
+//! - [`config`]: the environment keys of the seeds, or a `KEY=VALUE` file.
+//! - [`state`]: the state dir and its 0600 credential file.
+//! - [`lock`]: the flock-held service lock (`service lock status/clear`).
+//! - [`telemetry`]: the facts a host reports (version, arch, traits, tags).
+
+pub mod command_line;
+pub mod config;
+pub mod error;
+pub mod lock;
+pub mod state;
+pub mod telemetry;
+
+pub use error::AgentError;
