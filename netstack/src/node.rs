@@ -1,0 +1,1149 @@
+//! The sans-IO mesh node: WireGuard peers (through the `tunnel` facade) and
+//! a smoltcp interface with its sockets. No sockets, no clock, no tasks: the
+//! caller feeds datagrams and the time in, and takes datagrams and the next
+//! deadline out.
+//!
+//! ```text
+//! handle_udp(now, from, bytes)  -> decrypt, check, queue the inner packet
+//! handle_timeout(now)           -> run the IP stack and the WireGuard timers
+//! poll_transmit()               -> the next datagram to send
+//! poll_timeout()                -> when to call handle_timeout again
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn};
+use ipnet::IpNet;
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, IpListenEndpoint};
+
+use crate::device::{IpQueue, QUEUE_LIMIT};
+use crate::key::{PresharedKey, PrivateKey, PublicKey};
+use crate::status::{DropReason, Drops, PeerStatus, Status};
+use crate::tunnel::{self, InitiationCheck, Received, Tunnel};
+use crate::NetstackError;
+
+/// Receive and send buffer of each TCP connection. Larger than 64 KiB so
+/// that window scaling lets one stream fill a fast path; the memory is
+/// allocated zeroed (calloc), so an idle connection only costs the pages it
+/// has touched.
+pub const TCP_BUFFER: usize = 1 << 20;
+/// Listening sockets kept ready per listener; the pool is refilled before
+/// every SYN, so a burst never finds the port without a listening socket.
+const LISTEN_POOL: usize = 2;
+/// Connections received but not yet accepted, per listener. Beyond it new
+/// SYNs are refused with a reset, like a full backlog.
+pub const ACCEPT_BACKLOG: usize = 4096;
+/// A connection whose handle was dropped is aborted if it has not finished
+/// closing after this long.
+const LINGER: Duration = Duration::from_secs(30);
+const UDP_PACKETS: usize = 256;
+const UDP_PAYLOAD: usize = 256 * 1024;
+const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 32768..=60999;
+
+/// This node: its key, its overlay addresses, its UDP listen address.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub private_key: PrivateKey,
+    /// The node's overlay addresses: one IPv4, one IPv6 (either may be absent).
+    pub addresses: Vec<IpAddr>,
+    /// Where the UDP socket binds (used by the driver, not by `Node`).
+    pub listen: SocketAddr,
+}
+
+/// One WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: PublicKey,
+    /// Where to send; when `None`, the node learns it from the peer's first
+    /// authenticated packet.
+    pub endpoint: Option<SocketAddr>,
+    /// Inner addresses this peer may send from, and routes to it.
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds between keepalives (wg-quick `PersistentKeepalive`).
+    pub persistent_keepalive: Option<u16>,
+    pub preshared_key: Option<PresharedKey>,
+}
+
+/// A datagram to send on the node's UDP socket.
+#[derive(Debug)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// A TCP or UDP socket of a [`Node`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketId(SocketHandle);
+
+/// How far an outgoing TCP connection got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectState {
+    Connecting,
+    Established,
+    /// Refused (reset) or timed out.
+    Failed,
+}
+
+struct Peer {
+    config: PeerConfig,
+    endpoint: Option<SocketAddr>,
+    tunnel: Tunnel,
+    drops: Drops,
+}
+
+struct Listener {
+    /// Sockets in the Listen state.
+    pool: Vec<SocketHandle>,
+    /// Sockets that left the Listen state and are not accepted yet.
+    pending: VecDeque<SocketHandle>,
+    waker: Option<Waker>,
+}
+
+#[derive(Default)]
+struct SocketMeta {
+    /// The handle was dropped: remove the socket once it is closed.
+    released: bool,
+    local_port: Option<u16>,
+    udp: bool,
+}
+
+pub struct Node {
+    private: PrivateKey,
+    public: PublicKey,
+    x_public: x25519_dalek::PublicKey,
+    addresses: Vec<IpAddr>,
+    limiter: Arc<RateLimiter>,
+    peers: HashMap<u32, Peer>,
+    slots: HashMap<PublicKey, u32>,
+    next_slot: u32,
+    /// (allowed IP network, peer slot), longest prefix first.
+    routes: Vec<(IpNet, u32)>,
+    drops: Drops,
+    iface: Interface,
+    device: IpQueue,
+    sockets: SocketSet<'static>,
+    meta: HashMap<SocketHandle, SocketMeta>,
+    listeners: HashMap<u16, Listener>,
+    ephemeral_in_use: HashMap<u16, SocketHandle>,
+    next_ephemeral: u16,
+    released: Vec<SocketHandle>,
+    epoch: Instant,
+    now: Instant,
+    transmits: VecDeque<Transmit>,
+    scratch: Vec<u8>,
+}
+
+fn smol_time(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
+    smoltcp::time::Instant::from_micros(now.saturating_duration_since(epoch).as_micros() as i64)
+}
+
+impl Node {
+    /// A node with its key and overlay addresses, and its first peers.
+    pub fn new(
+        private_key: PrivateKey,
+        addresses: &[IpAddr],
+        peers: Vec<PeerConfig>,
+        now: Instant,
+    ) -> Result<Node, NetstackError> {
+        let v4 = addresses.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = addresses.iter().filter(|a| a.is_ipv6()).count();
+        if addresses.is_empty() || v4 > 1 || v6 > 1 {
+            return Err(NetstackError::Addresses(addresses.to_vec()));
+        }
+        let public = private_key.public_key();
+        let x_public = public.to_x25519();
+        let limiter = Arc::new(RateLimiter::new(&x_public, tunnel::HANDSHAKE_RATE_LIMIT));
+        let mut device = IpQueue::default();
+        let mut config = Config::new(HardwareAddress::Ip);
+        config.random_seed = rand::random();
+        let mut iface = Interface::new(config, &mut device, smol_time(now, now));
+        iface.update_ip_addrs(|ips| {
+            for addr in addresses {
+                let prefix = if addr.is_ipv4() { 32 } else { 128 };
+                // Two addresses always fit smoltcp's address table.
+                let _ = ips.push(IpCidr::new(IpAddress::from(*addr), prefix));
+            }
+        });
+        for addr in addresses {
+            // Every other address is reached through a peer: a default
+            // route via ourselves sends it to the device.
+            let result = match addr {
+                IpAddr::V4(v4) => iface.routes_mut().add_default_ipv4_route(*v4).map(|_| ()),
+                IpAddr::V6(v6) => iface.routes_mut().add_default_ipv6_route(*v6).map(|_| ()),
+            };
+            if result.is_err() {
+                return Err(NetstackError::Addresses(addresses.to_vec()));
+            }
+        }
+        let mut node = Node {
+            private: private_key,
+            public,
+            x_public,
+            addresses: addresses.to_vec(),
+            limiter,
+            peers: HashMap::new(),
+            slots: HashMap::new(),
+            next_slot: rand::random::<u32>() & 0xff_ffff,
+            routes: Vec::new(),
+            drops: Drops::default(),
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            meta: HashMap::new(),
+            listeners: HashMap::new(),
+            ephemeral_in_use: HashMap::new(),
+            next_ephemeral: *EPHEMERAL_PORTS.start(),
+            released: Vec::new(),
+            epoch: now,
+            now,
+            transmits: VecDeque::new(),
+            scratch: vec![0u8; 65536 + 256],
+        };
+        node.set_peers(peers, now)?;
+        Ok(node)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.public
+    }
+
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
+    }
+
+    /// Replace the peer set. Peers that stay keep their sessions, learned
+    /// endpoints and counters; connections through them are not disturbed.
+    pub fn set_peers(&mut self, peers: Vec<PeerConfig>, now: Instant) -> Result<(), NetstackError> {
+        let mut seen = std::collections::HashSet::new();
+        for peer in &peers {
+            if peer.public_key == self.public {
+                return Err(NetstackError::PeerIsSelf(peer.public_key));
+            }
+            if !seen.insert(peer.public_key) {
+                return Err(NetstackError::DuplicatePeer(peer.public_key));
+            }
+        }
+        let mut kept = HashMap::new();
+        let mut slots = HashMap::new();
+        for config in peers {
+            let key = config.public_key;
+            let existing = self
+                .slots
+                .get(&key)
+                .and_then(|slot| self.peers.remove(slot));
+            let peer = match existing {
+                Some(mut peer)
+                    if peer
+                        .tunnel
+                        .same_settings(&config.preshared_key, config.persistent_keepalive) =>
+                {
+                    if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
+                        peer.endpoint = config.endpoint;
+                    }
+                    peer.config = config;
+                    peer
+                }
+                previous => {
+                    let slot = previous
+                        .as_ref()
+                        .map(|p| p.tunnel.slot())
+                        .unwrap_or_else(|| self.allocate_slot(&kept));
+                    let endpoint = config
+                        .endpoint
+                        .or(previous.as_ref().and_then(|p| p.endpoint));
+                    Peer {
+                        tunnel: Tunnel::new(
+                            &self.private,
+                            key,
+                            config.preshared_key.clone(),
+                            config.persistent_keepalive,
+                            slot,
+                            self.limiter.clone(),
+                            now,
+                        ),
+                        endpoint,
+                        config,
+                        drops: previous.map(|p| p.drops).unwrap_or_default(),
+                    }
+                }
+            };
+            slots.insert(key, peer.tunnel.slot());
+            kept.insert(peer.tunnel.slot(), peer);
+        }
+        self.peers = kept;
+        self.slots = slots;
+        let mut routes: Vec<(IpNet, u32)> = Vec::new();
+        for (slot, peer) in &self.peers {
+            for net in &peer.config.allowed_ips {
+                routes.push((net.trunc(), *slot));
+            }
+        }
+        routes.sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()).then(a.1.cmp(&b.1)));
+        self.routes = routes;
+        Ok(())
+    }
+
+    fn allocate_slot(&mut self, taken: &HashMap<u32, Peer>) -> u32 {
+        loop {
+            let slot = self.next_slot & 0xff_ffff;
+            self.next_slot = self.next_slot.wrapping_add(1);
+            if !taken.contains_key(&slot) && !self.peers.contains_key(&slot) {
+                return slot;
+            }
+        }
+    }
+
+    fn route(&self, addr: IpAddr) -> Option<u32> {
+        self.routes
+            .iter()
+            .find(|(net, _)| net.contains(&addr))
+            .map(|(_, slot)| *slot)
+    }
+
+    /// Feed one datagram received on the node's UDP socket.
+    pub fn handle_udp(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.advance(now);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        self.receive(now, from, bytes, &mut scratch);
+        self.scratch = scratch;
+    }
+
+    fn receive(&mut self, now: Instant, from: SocketAddr, bytes: &[u8], scratch: &mut [u8]) {
+        let slot = match Tunn::parse_incoming_packet(bytes) {
+            Err(_) => return self.drops.add(DropReason::Malformed),
+            Ok(Packet::HandshakeInit(_)) => {
+                match tunnel::check_initiation(
+                    &self.limiter,
+                    &self.private,
+                    &self.x_public,
+                    from.ip(),
+                    bytes,
+                    scratch,
+                ) {
+                    InitiationCheck::From(key) => match self.slots.get(&key) {
+                        Some(slot) => *slot,
+                        None => return self.drops.add(DropReason::UnknownPeer),
+                    },
+                    InitiationCheck::CookieReply(cookie) => {
+                        // The one reply an unauthenticated sender may get.
+                        self.transmits.push_back(Transmit {
+                            destination: from,
+                            contents: cookie.to_vec(),
+                        });
+                        return;
+                    }
+                    InitiationCheck::Dropped(reason) => return self.drops.add(reason),
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => tunnel::slot_of_receiver_index(p.receiver_idx),
+            Ok(Packet::PacketCookieReply(p)) => tunnel::slot_of_receiver_index(p.receiver_idx),
+            Ok(Packet::PacketData(p)) => tunnel::slot_of_receiver_index(p.receiver_idx),
+        };
+        let Some(peer) = self.peers.get_mut(&slot) else {
+            return self.drops.add(DropReason::UnknownIndex);
+        };
+        let kind = bytes[0];
+        let received = peer.tunnel.decapsulate(now, from.ip(), bytes, scratch);
+        if received.authenticated(kind) && peer.endpoint != Some(from) {
+            // Roaming: follow the peer to where its authenticated packets come from.
+            tracing::debug!(peer = %peer.config.public_key, %from, "peer endpoint changed");
+            peer.endpoint = Some(from);
+        }
+        let mut flush = false;
+        match received {
+            Received::Ip(packet) => {
+                let verdict = check_inner(packet, &peer.config.allowed_ips, &self.addresses);
+                match verdict {
+                    Err(reason) => peer.drops.add(reason),
+                    Ok(()) if self.device.rx.len() >= QUEUE_LIMIT => {
+                        peer.drops.add(DropReason::QueueFull)
+                    }
+                    Ok(()) => {
+                        let mut buf = self.device.buffer();
+                        buf.extend_from_slice(packet);
+                        self.device.rx.push_back(buf);
+                    }
+                }
+            }
+            Received::Reply(reply) => {
+                flush = true;
+                self.transmits.push_back(Transmit {
+                    destination: from,
+                    contents: reply.to_vec(),
+                });
+            }
+            Received::Nothing => {}
+            Received::Dropped(reason) => peer.drops.add(reason),
+        }
+        if flush {
+            // A handshake completed: send what boringtun queued meanwhile.
+            if let Some(destination) = peer.endpoint {
+                while let Some(out) = peer.tunnel.flush_queued(now, scratch) {
+                    self.transmits.push_back(Transmit {
+                        destination,
+                        contents: out.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+    }
+
+    /// Run the IP stack and the WireGuard timers up to `now`: process the
+    /// queued inner packets, emit what the sockets have to send, send
+    /// handshakes and keepalives that are due. Harmless to call early.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+        let now = self.now;
+        let ts = smol_time(self.epoch, now);
+        let mut changed = false;
+        loop {
+            if let Some(head) = self.device.rx.front() {
+                if let Some((port, remote)) = tcp_syn(head) {
+                    if self.listeners.contains_key(&port) && !self.prepare_listener(port, remote) {
+                        // A retransmitted SYN for a connection already half open:
+                        // that socket answers on its own timer.
+                        if let Some(buf) = self.device.rx.pop_front() {
+                            self.device.recycle(buf);
+                        }
+                        continue;
+                    }
+                }
+            }
+            match self
+                .iface
+                .poll_ingress_single(ts, &mut self.device, &mut self.sockets)
+            {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+        }
+        loop {
+            match self
+                .iface
+                .poll_egress(ts, &mut self.device, &mut self.sockets)
+            {
+                PollResult::None => break,
+                PollResult::SocketStateChanged => changed = true,
+            }
+            self.encrypt_outgoing(now);
+        }
+        self.encrypt_outgoing(now);
+        self.run_timers(now);
+        if changed || !self.released.is_empty() {
+            self.sweep_released();
+        }
+        self.wake_acceptors();
+    }
+
+    fn encrypt_outgoing(&mut self, now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(packet) = self.device.tx.pop_front() {
+            let Some(dst) = inner_destination(&packet) else {
+                self.drops.add(DropReason::BadInnerPacket);
+                self.device.recycle(packet);
+                continue;
+            };
+            let Some(peer) = self.route(dst).and_then(|slot| self.peers.get_mut(&slot)) else {
+                self.drops.add(DropReason::NoRoute);
+                self.device.recycle(packet);
+                continue;
+            };
+            let Some(destination) = peer.endpoint else {
+                peer.drops.add(DropReason::NoEndpoint);
+                self.device.recycle(packet);
+                continue;
+            };
+            match peer.tunnel.encapsulate(now, &packet, &mut scratch) {
+                Ok(Some(out)) => {
+                    let mut contents = self.device.buffer();
+                    contents.extend_from_slice(out);
+                    self.transmits.push_back(Transmit {
+                        destination,
+                        contents,
+                    });
+                }
+                Ok(None) => {}
+                Err(reason) => peer.drops.add(reason),
+            }
+            self.device.recycle(packet);
+        }
+        self.scratch = scratch;
+    }
+
+    fn run_timers(&mut self, now: Instant) {
+        self.limiter.reset_count();
+        let mut scratch = std::mem::take(&mut self.scratch);
+        for peer in self.peers.values_mut() {
+            let Some(destination) = peer.endpoint else {
+                continue;
+            };
+            while let Some(out) = peer.tunnel.handle_timers(now, &mut scratch) {
+                self.transmits.push_back(Transmit {
+                    destination,
+                    contents: out.to_vec(),
+                });
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Give a datagram buffer back after sending it, to be reused.
+    pub fn recycle(&mut self, contents: Vec<u8>) {
+        self.device.recycle(contents);
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When `handle_timeout` must be called next (`None`: only when a
+    /// datagram arrives or a socket is used).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        if !self.device.rx.is_empty() || !self.device.tx.is_empty() {
+            return Some(self.now);
+        }
+        let ts = smol_time(self.epoch, self.now);
+        let stack = self
+            .iface
+            .poll_at(ts, &self.sockets)
+            .map(|at| self.epoch + Duration::from_micros(at.total_micros().max(0) as u64));
+        let timers = self
+            .peers
+            .values()
+            .filter(|p| p.endpoint.is_some())
+            .filter_map(|p| p.tunnel.next_timer())
+            .min();
+        match (stack, timers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .map(|p| PeerStatus {
+                public_key: p.config.public_key,
+                endpoint: p.endpoint,
+                last_handshake: p.tunnel.last_handshake,
+                rx_bytes: p.tunnel.rx_bytes,
+                tx_bytes: p.tunnel.tx_bytes,
+                drops: p.drops.clone(),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.public_key);
+        Status {
+            public_key: self.public,
+            peers,
+            drops: self.drops.clone(),
+        }
+    }
+
+    // ---- TCP ----
+
+    fn new_tcp_socket() -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        socket
+    }
+
+    fn local_address_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == remote.is_ipv4())
+    }
+
+    /// Open a TCP connection to `remote` over the peer whose allowed IPs
+    /// contain it. Progress is reported by [`Node::tcp_connect_state`].
+    pub fn tcp_connect(&mut self, remote: SocketAddr) -> Result<SocketId, NetstackError> {
+        if self.route(remote.ip()).is_none() {
+            return Err(NetstackError::NoRoute(remote.ip()));
+        }
+        let local = self
+            .local_address_for(remote.ip())
+            .ok_or(NetstackError::NoRoute(remote.ip()))?;
+        let port = self.ephemeral_port()?;
+        let mut socket = Self::new_tcp_socket();
+        socket
+            .connect(self.iface.context(), remote, SocketAddr::new(local, port))
+            .map_err(|e| NetstackError::Connect(remote, e.to_string()))?;
+        let handle = self.sockets.add(socket);
+        self.ephemeral_in_use.insert(port, handle);
+        self.meta.insert(
+            handle,
+            SocketMeta {
+                local_port: Some(port),
+                ..SocketMeta::default()
+            },
+        );
+        Ok(SocketId(handle))
+    }
+
+    fn ephemeral_port(&mut self) -> Result<u16, NetstackError> {
+        let span = EPHEMERAL_PORTS.end() - EPHEMERAL_PORTS.start() + 1;
+        for _ in 0..span {
+            let port = self.next_ephemeral;
+            self.next_ephemeral = if port >= *EPHEMERAL_PORTS.end() {
+                *EPHEMERAL_PORTS.start()
+            } else {
+                port + 1
+            };
+            if !self.ephemeral_in_use.contains_key(&port) && !self.listeners.contains_key(&port) {
+                return Ok(port);
+            }
+        }
+        Err(NetstackError::PortsExhausted)
+    }
+
+    pub fn tcp_connect_state(&self, id: SocketId) -> ConnectState {
+        self.tcp_state_of(id)
+    }
+
+    fn tcp_state_of(&self, id: SocketId) -> ConnectState {
+        match self.tcp(id).map(|s| s.state()) {
+            Some(tcp::State::SynSent | tcp::State::SynReceived) => ConnectState::Connecting,
+            Some(tcp::State::Closed | tcp::State::Listen) | None => ConnectState::Failed,
+            Some(_) => ConnectState::Established,
+        }
+    }
+
+    fn tcp(&self, id: SocketId) -> Option<&tcp::Socket<'static>> {
+        self.meta.get(&id.0).filter(|m| !m.udp)?;
+        Some(self.sockets.get::<tcp::Socket>(id.0))
+    }
+
+    fn tcp_mut(&mut self, id: SocketId) -> Option<&mut tcp::Socket<'static>> {
+        self.meta.get(&id.0).filter(|m| !m.udp)?;
+        Some(self.sockets.get_mut::<tcp::Socket>(id.0))
+    }
+
+    /// The (local, remote) addresses of a TCP connection.
+    pub fn tcp_endpoints(&self, id: SocketId) -> Option<(SocketAddr, SocketAddr)> {
+        let socket = self.tcp(id)?;
+        Some((
+            SocketAddr::from(socket.local_endpoint()?),
+            SocketAddr::from(socket.remote_endpoint()?),
+        ))
+    }
+
+    /// Start listening on `port` of every node address.
+    pub fn tcp_listen(&mut self, port: u16) -> Result<(), NetstackError> {
+        if port == 0
+            || self.listeners.contains_key(&port)
+            || self.ephemeral_in_use.contains_key(&port)
+        {
+            return Err(NetstackError::PortInUse(port));
+        }
+        let mut listener = Listener {
+            pool: Vec::new(),
+            pending: VecDeque::new(),
+            waker: None,
+        };
+        for _ in 0..LISTEN_POOL {
+            listener.pool.push(self.new_listen_socket(port)?);
+        }
+        self.listeners.insert(port, listener);
+        Ok(())
+    }
+
+    fn new_listen_socket(&mut self, port: u16) -> Result<SocketHandle, NetstackError> {
+        let mut socket = Self::new_tcp_socket();
+        socket
+            .listen(IpListenEndpoint { addr: None, port })
+            .map_err(|_| NetstackError::PortInUse(port))?;
+        let handle = self.sockets.add(socket);
+        self.meta.insert(handle, SocketMeta::default());
+        Ok(handle)
+    }
+
+    /// Before a SYN for `port` from `remote` reaches the stack: move pool
+    /// sockets that took earlier SYNs to the pending queue and refill the
+    /// pool. Returns false if the SYN repeats one a pending socket already
+    /// answers (it must not reach a fresh listening socket).
+    fn prepare_listener(&mut self, port: u16, remote: IpEndpoint) -> bool {
+        let Some(mut listener) = self.listeners.remove(&port) else {
+            return true;
+        };
+        let mut fresh = true;
+        let mut i = 0;
+        while i < listener.pool.len() {
+            let handle = listener.pool[i];
+            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+                i += 1;
+            } else {
+                listener.pool.swap_remove(i);
+                listener.pending.push_back(handle);
+            }
+        }
+        for handle in &listener.pending {
+            let socket = self.sockets.get::<tcp::Socket>(*handle);
+            if socket.state() == tcp::State::SynReceived && socket.remote_endpoint() == Some(remote)
+            {
+                fresh = false;
+            }
+        }
+        if fresh && listener.pending.len() < ACCEPT_BACKLOG {
+            while listener.pool.len() < LISTEN_POOL {
+                match self.new_listen_socket(port) {
+                    Ok(handle) => listener.pool.push(handle),
+                    Err(_) => break,
+                }
+            }
+        }
+        self.listeners.insert(port, listener);
+        fresh
+    }
+
+    /// The next established connection on `port`, with the remote address.
+    /// With a waker, registers it to be woken when one arrives.
+    pub fn tcp_accept(
+        &mut self,
+        port: u16,
+        waker: Option<&Waker>,
+    ) -> Option<(SocketId, SocketAddr)> {
+        let mut listener = self.listeners.remove(&port)?;
+        // Sockets still in the pool may have been reached by SYNs since.
+        let mut i = 0;
+        while i < listener.pool.len() {
+            let handle = listener.pool[i];
+            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+                i += 1;
+            } else {
+                listener.pool.swap_remove(i);
+                listener.pending.push_back(handle);
+            }
+        }
+        let mut found = None;
+        let mut keep = VecDeque::with_capacity(listener.pending.len());
+        while let Some(handle) = listener.pending.pop_front() {
+            let socket = self.sockets.get::<tcp::Socket>(handle);
+            match socket.state() {
+                tcp::State::SynReceived | tcp::State::Listen => keep.push_back(handle),
+                tcp::State::Closed => {
+                    self.sockets.remove(handle);
+                    self.meta.remove(&handle);
+                }
+                _ if found.is_none() => {
+                    let remote = socket.remote_endpoint().map(SocketAddr::from);
+                    match remote {
+                        Some(remote) => found = Some((SocketId(handle), remote)),
+                        None => keep.push_back(handle),
+                    }
+                }
+                _ => keep.push_back(handle),
+            }
+        }
+        listener.pending = keep;
+        while listener.pool.len() < LISTEN_POOL {
+            match self.new_listen_socket(port) {
+                Ok(handle) => listener.pool.push(handle),
+                Err(_) => break,
+            }
+        }
+        if found.is_none() {
+            if let Some(waker) = waker {
+                listener.waker = Some(waker.clone());
+            }
+        }
+        self.listeners.insert(port, listener);
+        found
+    }
+
+    /// Stop listening on `port`: pending connections are reset.
+    pub fn tcp_unlisten(&mut self, port: u16) {
+        if let Some(listener) = self.listeners.remove(&port) {
+            for handle in listener.pool.into_iter().chain(listener.pending) {
+                self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                self.release_handle(handle);
+            }
+        }
+    }
+
+    fn wake_acceptors(&mut self) {
+        for listener in self.listeners.values_mut() {
+            if listener.waker.is_none() {
+                continue;
+            }
+            let ready = listener
+                .pool
+                .iter()
+                .chain(listener.pending.iter())
+                .any(|h| {
+                    !matches!(
+                        self.sockets.get::<tcp::Socket>(*h).state(),
+                        tcp::State::Listen | tcp::State::SynReceived
+                    )
+                });
+            if ready {
+                if let Some(waker) = listener.waker.take() {
+                    waker.wake();
+                }
+            }
+        }
+    }
+
+    /// Read received bytes. `Ok(0)` is the end of the stream; `WouldBlock`
+    /// means nothing yet (the waker, if given, is woken when there is).
+    pub fn tcp_recv(
+        &mut self,
+        id: SocketId,
+        buf: &mut [u8],
+        waker: Option<&Waker>,
+    ) -> io::Result<usize> {
+        let socket = self.tcp_mut(id).ok_or_else(closed)?;
+        match socket.recv_slice(buf) {
+            Ok(0) if !buf.is_empty() => {
+                if socket.state() == tcp::State::Closed {
+                    return Err(io::ErrorKind::ConnectionReset.into());
+                }
+                if let Some(waker) = waker {
+                    socket.register_recv_waker(waker);
+                }
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok(n) => Ok(n),
+            Err(tcp::RecvError::Finished) => Ok(0),
+            Err(tcp::RecvError::InvalidState) => match socket.state() {
+                tcp::State::SynSent | tcp::State::SynReceived => {
+                    if let Some(waker) = waker {
+                        socket.register_recv_waker(waker);
+                    }
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                _ => Err(io::ErrorKind::ConnectionReset.into()),
+            },
+        }
+    }
+
+    /// Queue bytes to send; returns how many fit. `WouldBlock` when the
+    /// send buffer is full (the waker, if given, is woken when it drains).
+    pub fn tcp_send(
+        &mut self,
+        id: SocketId,
+        data: &[u8],
+        waker: Option<&Waker>,
+    ) -> io::Result<usize> {
+        let socket = self.tcp_mut(id).ok_or_else(closed)?;
+        match socket.send_slice(data) {
+            Ok(0) if !data.is_empty() => {
+                if let Some(waker) = waker {
+                    socket.register_send_waker(waker);
+                }
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Ok(n) => Ok(n),
+            Err(tcp::SendError::InvalidState) => match socket.state() {
+                tcp::State::SynSent | tcp::State::SynReceived => {
+                    if let Some(waker) = waker {
+                        socket.register_send_waker(waker);
+                    }
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                tcp::State::Closed => Err(io::ErrorKind::ConnectionReset.into()),
+                _ => Err(io::ErrorKind::BrokenPipe.into()),
+            },
+        }
+    }
+
+    /// Bytes queued but not yet acknowledged by the peer.
+    pub fn tcp_send_queue(&self, id: SocketId) -> usize {
+        self.tcp(id).map_or(0, |s| s.send_queue())
+    }
+
+    /// Register a waker for any change of the connection (used while connecting).
+    pub fn tcp_register_waker(&mut self, id: SocketId, waker: &Waker) {
+        if let Some(socket) = self.tcp_mut(id) {
+            socket.register_send_waker(waker);
+        }
+    }
+
+    /// Half-close: send FIN once the queued bytes are sent; reading continues.
+    pub fn tcp_shutdown(&mut self, id: SocketId) {
+        if let Some(socket) = self.tcp_mut(id) {
+            socket.close();
+        }
+    }
+
+    /// Reset the connection.
+    pub fn tcp_abort(&mut self, id: SocketId) {
+        if let Some(socket) = self.tcp_mut(id) {
+            socket.abort();
+        }
+    }
+
+    /// The handle of a connection is gone: close it (reset if received bytes
+    /// were never read, like a kernel socket) and forget it once closed.
+    pub fn tcp_release(&mut self, id: SocketId) {
+        let Some(socket) = self.tcp_mut(id) else {
+            return;
+        };
+        if socket.recv_queue() > 0 {
+            socket.abort();
+        } else {
+            socket.close();
+        }
+        socket.set_timeout(Some(smoltcp::time::Duration::from_micros(
+            LINGER.as_micros() as u64,
+        )));
+        self.release_handle(id.0);
+    }
+
+    fn release_handle(&mut self, handle: SocketHandle) {
+        if let Some(meta) = self.meta.get_mut(&handle) {
+            if !meta.released {
+                meta.released = true;
+                self.released.push(handle);
+            }
+        }
+    }
+
+    fn sweep_released(&mut self) {
+        let mut i = 0;
+        while i < self.released.len() {
+            let handle = self.released[i];
+            let done = self.socket_finished(handle);
+            if done {
+                self.released.swap_remove(i);
+                self.sockets.remove(handle);
+                if let Some(port) = self.meta.remove(&handle).and_then(|m| m.local_port) {
+                    self.ephemeral_in_use.remove(&port);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn socket_finished(&self, handle: SocketHandle) -> bool {
+        match self.meta.get(&handle) {
+            Some(meta) if meta.udp => true,
+            Some(_) => matches!(
+                self.sockets.get::<tcp::Socket>(handle).state(),
+                tcp::State::Closed | tcp::State::TimeWait
+            ),
+            None => true,
+        }
+    }
+
+    // ---- UDP ----
+
+    /// A UDP socket on `port` of every node address.
+    pub fn udp_bind(&mut self, port: u16) -> Result<SocketId, NetstackError> {
+        let mut socket = udp::Socket::new(
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                vec![0u8; UDP_PAYLOAD],
+            ),
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                vec![0u8; UDP_PAYLOAD],
+            ),
+        );
+        let in_use = self.sockets.iter().any(|(_, s)| match s {
+            smoltcp::socket::Socket::Udp(u) => u.endpoint().port == port,
+            _ => false,
+        });
+        if port == 0 || in_use {
+            return Err(NetstackError::PortInUse(port));
+        }
+        socket
+            .bind(IpListenEndpoint { addr: None, port })
+            .map_err(|_| NetstackError::PortInUse(port))?;
+        let handle = self.sockets.add(socket);
+        self.meta.insert(
+            handle,
+            SocketMeta {
+                udp: true,
+                ..SocketMeta::default()
+            },
+        );
+        Ok(SocketId(handle))
+    }
+
+    fn udp_mut(&mut self, id: SocketId) -> Option<&mut udp::Socket<'static>> {
+        self.meta.get(&id.0).filter(|m| m.udp)?;
+        Some(self.sockets.get_mut::<udp::Socket>(id.0))
+    }
+
+    /// Queue one datagram. `WouldBlock` when the send buffer is full.
+    pub fn udp_send_to(
+        &mut self,
+        id: SocketId,
+        data: &[u8],
+        to: SocketAddr,
+        waker: Option<&Waker>,
+    ) -> io::Result<()> {
+        if self.route(to.ip()).is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::HostUnreachable,
+                NetstackError::NoRoute(to.ip()),
+            ));
+        }
+        let socket = self.udp_mut(id).ok_or_else(closed)?;
+        match socket.send_slice(data, to) {
+            Ok(()) => Ok(()),
+            Err(udp::SendError::BufferFull) => {
+                if data.len() > UDP_PAYLOAD {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "datagram of {} bytes is larger than the send buffer",
+                            data.len()
+                        ),
+                    ));
+                }
+                if let Some(waker) = waker {
+                    socket.register_send_waker(waker);
+                }
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Err(udp::SendError::Unaddressable) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot send a UDP datagram to {to}"),
+            )),
+        }
+    }
+
+    /// Take one received datagram (truncated to `buf`).
+    pub fn udp_recv_from(
+        &mut self,
+        id: SocketId,
+        buf: &mut [u8],
+        waker: Option<&Waker>,
+    ) -> io::Result<(usize, SocketAddr)> {
+        let socket = self.udp_mut(id).ok_or_else(closed)?;
+        match socket.recv() {
+            Ok((data, meta)) => {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                Ok((n, SocketAddr::from(meta.endpoint)))
+            }
+            Err(_) => {
+                if let Some(waker) = waker {
+                    socket.register_recv_waker(waker);
+                }
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+    }
+
+    pub fn udp_release(&mut self, id: SocketId) {
+        if let Some(socket) = self.udp_mut(id) {
+            socket.close();
+            self.release_handle(id.0);
+        }
+    }
+
+    /// Reset every connection and close every socket (the node is shutting down).
+    pub fn close_all(&mut self) {
+        for (_, socket) in self.sockets.iter_mut() {
+            match socket {
+                smoltcp::socket::Socket::Tcp(s) => s.abort(),
+                smoltcp::socket::Socket::Udp(s) => s.close(),
+                #[allow(unreachable_patterns)]
+                _ => {}
+            }
+        }
+        for listener in self.listeners.values_mut() {
+            if let Some(waker) = listener.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket is closed")
+}
+
+/// The destination of an inner packet the stack emitted.
+fn inner_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => smoltcp::wire::Ipv4Packet::new_checked(packet)
+            .ok()
+            .map(|p| IpAddr::V4(p.dst_addr())),
+        6 => smoltcp::wire::Ipv6Packet::new_checked(packet)
+            .ok()
+            .map(|p| IpAddr::V6(p.dst_addr())),
+        _ => None,
+    }
+}
+
+/// Check a decrypted inner packet: a valid IP header, a source inside the
+/// sending peer's allowed IPs, a destination that is one of ours.
+fn check_inner(packet: &[u8], allowed: &[IpNet], ours: &[IpAddr]) -> Result<(), DropReason> {
+    let (src, dst) = match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let p = smoltcp::wire::Ipv4Packet::new_checked(packet)
+                .map_err(|_| DropReason::BadInnerPacket)?;
+            (IpAddr::V4(p.src_addr()), IpAddr::V4(p.dst_addr()))
+        }
+        Some(6) => {
+            let p = smoltcp::wire::Ipv6Packet::new_checked(packet)
+                .map_err(|_| DropReason::BadInnerPacket)?;
+            (IpAddr::V6(p.src_addr()), IpAddr::V6(p.dst_addr()))
+        }
+        _ => return Err(DropReason::BadInnerPacket),
+    };
+    if !allowed.iter().any(|net| net.contains(&src)) {
+        return Err(DropReason::SourceNotAllowed);
+    }
+    if !ours.contains(&dst) {
+        return Err(DropReason::NotForUs);
+    }
+    Ok(())
+}
+
+/// If `packet` is a TCP SYN (without ACK): its destination port and source.
+fn tcp_syn(packet: &[u8]) -> Option<(u16, IpEndpoint)> {
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+    let (src, payload) = match packet.first()? >> 4 {
+        4 => {
+            let p = Ipv4Packet::new_checked(packet).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let header = usize::from(p.header_len());
+            let total = usize::from(p.total_len()).min(packet.len());
+            (IpAddress::Ipv4(p.src_addr()), packet.get(header..total)?)
+        }
+        6 => {
+            let p = Ipv6Packet::new_checked(packet).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (IpAddress::Ipv6(p.src_addr()), packet.get(40..)?)
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    if tcp.syn() && !tcp.ack() {
+        Some((tcp.dst_port(), IpEndpoint::new(src, tcp.src_port())))
+    } else {
+        None
+    }
+}
