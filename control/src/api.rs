@@ -1,0 +1,264 @@
+//! `ControlApi`: the operator API behind `gstacks`. Every call is
+//! authorised by an operator token.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ControlError;
+use crate::plane::ControlPlane;
+use crate::store::{ProvisioningToken, TokenUsage};
+use proto::control_api_server::ControlApi;
+use proto::*;
+
+#[derive(Debug, Clone)]
+pub struct OperatorApi {
+    plane: Arc<ControlPlane>,
+}
+
+impl OperatorApi {
+    pub fn new(plane: Arc<ControlPlane>) -> OperatorApi {
+        OperatorApi { plane }
+    }
+}
+
+fn token_view(token: ProvisioningToken, hosts_enrolled: u32) -> proto::ProvisioningToken {
+    proto::ProvisioningToken {
+        id: token.id,
+        cluster_id: token.cluster_id,
+        description: token.description,
+        long_living: token.long_living,
+        created_at_ms: token.created_at_ms,
+        expires_at_ms: token.expires_at_ms,
+        revoked_at_ms: token.revoked_at_ms,
+        hosts_enrolled,
+    }
+}
+
+fn hosts_enrolled(plane: &ControlPlane, token_id: &str) -> Result<u32, Status> {
+    Ok(plane
+        .store
+        .provisioning_tokens(None)?
+        .into_iter()
+        .find(|usage| usage.token.id == token_id)
+        .map_or(0, |usage| usage.hosts_enrolled))
+}
+
+fn cluster_filter(id: &str) -> Option<&str> {
+    let id = id.trim();
+    (!id.is_empty()).then_some(id)
+}
+
+type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlApi for OperatorApi {
+    async fn list_clusters(
+        &self,
+        request: Request<ListClustersRequest>,
+    ) -> Result<Response<ListClustersResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let clusters = self
+            .plane
+            .store
+            .clusters()?
+            .into_iter()
+            .map(|c| Cluster {
+                id: c.id,
+                name: c.name,
+                kind: c.kind,
+                is_default: c.is_default,
+            })
+            .collect();
+        Ok(Response::new(ListClustersResponse { clusters }))
+    }
+
+    async fn create_provisioning_token(
+        &self,
+        request: Request<CreateProvisioningTokenRequest>,
+    ) -> Result<Response<CreateProvisioningTokenResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let cluster = cluster_filter(&request.cluster_id)
+            .ok_or_else(|| Status::invalid_argument("a cluster id is required (`--cluster`)"))?;
+        let ttl = (request.ttl_secs > 0).then(|| Duration::from_secs(request.ttl_secs));
+        let (token, secret) = self.plane.create_provisioning_token(
+            cluster,
+            &request.description,
+            request.long_living,
+            ttl,
+        )?;
+        Ok(Response::new(CreateProvisioningTokenResponse {
+            token: Some(token_view(token, 0)),
+            secret: secret.expose().to_owned(),
+        }))
+    }
+
+    async fn list_provisioning_tokens(
+        &self,
+        request: Request<ListProvisioningTokensRequest>,
+    ) -> Result<Response<ListProvisioningTokensResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let tokens = self
+            .plane
+            .store
+            .provisioning_tokens(cluster_filter(&request.cluster_id))?
+            .into_iter()
+            .map(
+                |TokenUsage {
+                     token,
+                     hosts_enrolled,
+                 }| token_view(token, hosts_enrolled),
+            )
+            .collect();
+        Ok(Response::new(ListProvisioningTokensResponse { tokens }))
+    }
+
+    async fn revoke_provisioning_token(
+        &self,
+        request: Request<RevokeProvisioningTokenRequest>,
+    ) -> Result<Response<RevokeProvisioningTokenResponse>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let (token, revoked_host_ids) = self.plane.revoke_provisioning_token(&request.id, &who)?;
+        let enrolled = hosts_enrolled(&self.plane, &token.id)?;
+        Ok(Response::new(RevokeProvisioningTokenResponse {
+            token: Some(token_view(token, enrolled)),
+            revoked_host_ids,
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        request: Request<ListHostsRequest>,
+    ) -> Result<Response<ListHostsResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let hosts = self
+            .plane
+            .store
+            .hosts(cluster_filter(&request.cluster_id))?
+            .into_iter()
+            .map(|host| self.plane.host_view(host))
+            .collect();
+        Ok(Response::new(ListHostsResponse { hosts }))
+    }
+
+    async fn get_host(
+        &self,
+        request: Request<GetHostRequest>,
+    ) -> Result<Response<HostRecord>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let id = request.into_inner().id;
+        let host = self
+            .plane
+            .store
+            .host(&id)?
+            .ok_or(ControlError::HostNotFound(id))?;
+        Ok(Response::new(self.plane.host_view(host)))
+    }
+
+    async fn revoke_host(
+        &self,
+        request: Request<RevokeHostRequest>,
+    ) -> Result<Response<HostRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let host = self.plane.revoke_host(&request.into_inner().id, &who)?;
+        Ok(Response::new(self.plane.host_view(host)))
+    }
+
+    type HostLogsStream = Boxed<HostEvent>;
+
+    async fn host_logs(
+        &self,
+        request: Request<HostLogsRequest>,
+    ) -> Result<Response<Self::HostLogsStream>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let host_id = request.host_id;
+        if self.plane.store.host(&host_id)?.is_none() {
+            return Err(ControlError::HostNotFound(host_id).into());
+        }
+        // Subscribe before reading, so nothing falls between the two.
+        let mut wake = self.plane.subscribe_events();
+        let tail = (request.tail > 0).then_some(request.tail);
+        let backlog = self.plane.store.host_events(&host_id, 0, tail)?;
+        let (tx, rx) = mpsc::channel(256);
+        let plane = self.plane.clone();
+        let follow = request.follow;
+        tokio::spawn(async move {
+            let mut last = 0;
+            let send_all = |events: Vec<crate::store::StoredEvent>, last: &mut u64| {
+                let tx = tx.clone();
+                let host_id = host_id.clone();
+                let mut out = Vec::with_capacity(events.len());
+                for stored in events {
+                    *last = stored.seq;
+                    out.push(HostEvent {
+                        seq: stored.seq,
+                        host_id: host_id.clone(),
+                        event: Some(stored.event),
+                    });
+                }
+                async move {
+                    for event in out {
+                        if tx.send(Ok(event)).await.is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            };
+            if !send_all(backlog, &mut last).await || !follow {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    woke = wake.recv() => match woke {
+                        Ok(id) if id != host_id => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    () = tx.closed() => return,
+                }
+                match plane.store.host_events(&host_id, last, None) {
+                    Ok(events) => {
+                        if !send_all(events, &mut last).await {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type HostTerminalStream = Boxed<TerminalServerMessage>;
+
+    async fn host_terminal(
+        &self,
+        request: Request<Streaming<TerminalClientMessage>>,
+    ) -> Result<Response<Self::HostTerminalStream>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let mut client = request.into_inner();
+        let terminal = crate::terminal::open(&self.plane, who, &mut client).await?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(crate::terminal::relay(
+            self.plane.clone(),
+            terminal,
+            client,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

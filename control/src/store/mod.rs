@@ -1,0 +1,222 @@
+//! What the control plane keeps: clusters, operator and provisioning tokens,
+//! hosts and their events. The `Store` trait is the seam where a PostgreSQL
+//! store can replace the embedded SQLite one ([`sqlite::SqliteStore`]).
+//!
+//! Secrets never reach the store in clear: tokens and credentials are kept
+//! as SHA-256 hashes (see [`crate::secret`]).
+
+pub mod sqlite;
+
+use crate::error::Result;
+use proto::{Event, Telemetry};
+
+/// Id of the BYO cluster every installation has.
+pub const DEFAULT_CLUSTER_ID: &str = "cls_default";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub id: String,
+    pub name: String,
+    /// `byo` or `managed`.
+    pub kind: String,
+    pub is_default: bool,
+}
+
+/// An operator API token, by hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OperatorToken {
+    pub id: String,
+    pub description: String,
+    pub secret_hash: String,
+    pub created_at_ms: i64,
+    /// 0 = valid.
+    pub revoked_at_ms: i64,
+}
+
+impl std::fmt::Debug for OperatorToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorToken")
+            .field("id", &self.id)
+            .field("description", &self.description)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("revoked_at_ms", &self.revoked_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cluster-scoped provisioning token, by hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProvisioningToken {
+    pub id: String,
+    pub cluster_id: String,
+    pub description: String,
+    pub long_living: bool,
+    pub secret_hash: String,
+    pub created_at_ms: i64,
+    /// 0 = never (long-living).
+    pub expires_at_ms: i64,
+    /// 0 = not revoked.
+    pub revoked_at_ms: i64,
+}
+
+impl std::fmt::Debug for ProvisioningToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProvisioningToken")
+            .field("id", &self.id)
+            .field("cluster_id", &self.cluster_id)
+            .field("description", &self.description)
+            .field("long_living", &self.long_living)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
+            .field("revoked_at_ms", &self.revoked_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProvisioningToken {
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms != 0 && now_ms >= self.expires_at_ms
+    }
+}
+
+/// A host's connection state, as `gstacks host list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostStatus {
+    Connected,
+    Disconnected,
+    /// Its credential was revoked: refused for good, never placeable.
+    NoToken,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Connected => "connected",
+            HostStatus::Disconnected => "disconnected",
+            HostStatus::NoToken => "no_token",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<HostStatus> {
+        match text {
+            "connected" => Some(HostStatus::Connected),
+            "disconnected" => Some(HostStatus::Disconnected),
+            "no_token" => Some(HostStatus::NoToken),
+            _ => None,
+        }
+    }
+
+    pub fn to_proto(self) -> proto::HostStatus {
+        match self {
+            HostStatus::Connected => proto::HostStatus::Connected,
+            HostStatus::Disconnected => proto::HostStatus::Disconnected,
+            HostStatus::NoToken => proto::HostStatus::NoToken,
+        }
+    }
+}
+
+/// An enrolled host.
+#[derive(Clone, PartialEq)]
+pub struct Host {
+    pub id: String,
+    pub name: String,
+    pub cluster_id: String,
+    /// The provisioning token it enrolled with.
+    pub token_id: String,
+    pub credential_hash: String,
+    pub status: HostStatus,
+    pub telemetry: Telemetry,
+    pub enrolled_at_ms: i64,
+    pub last_seen_ms: i64,
+    /// 0 = not revoked.
+    pub revoked_at_ms: i64,
+    pub revoked_reason: String,
+    /// False once revoked: placement never chooses the host.
+    pub placeable: bool,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("cluster_id", &self.cluster_id)
+            .field("token_id", &self.token_id)
+            .field("status", &self.status)
+            .field("last_seen_ms", &self.last_seen_ms)
+            .field("revoked_at_ms", &self.revoked_at_ms)
+            .field("placeable", &self.placeable)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One stored host event with its sequence number (increasing, store-wide).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub host_id: String,
+    pub event: Event,
+}
+
+/// A provisioning token with how many hosts enrolled with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenUsage {
+    pub token: ProvisioningToken,
+    pub hosts_enrolled: u32,
+}
+
+/// The control plane's persistent state. Implementations are safe to share
+/// between tasks; each call is one short transaction.
+pub trait Store: Send + Sync + 'static {
+    fn clusters(&self) -> Result<Vec<Cluster>>;
+    fn cluster(&self, id: &str) -> Result<Option<Cluster>>;
+
+    fn insert_operator_token(&self, token: &OperatorToken) -> Result<()>;
+    fn operator_token(&self, id: &str) -> Result<Option<OperatorToken>>;
+    /// Tokens not revoked.
+    fn active_operator_tokens(&self) -> Result<Vec<OperatorToken>>;
+    /// Revokes every valid operator token with this description; returns how many.
+    fn revoke_operator_tokens_described(&self, description: &str, now_ms: i64) -> Result<usize>;
+
+    fn insert_provisioning_token(&self, token: &ProvisioningToken) -> Result<()>;
+    fn provisioning_token(&self, id: &str) -> Result<Option<ProvisioningToken>>;
+    /// All tokens, or those of one cluster, oldest first.
+    fn provisioning_tokens(&self, cluster_id: Option<&str>) -> Result<Vec<TokenUsage>>;
+    /// Marks the token revoked (keeping the first revocation time) and every
+    /// host that enrolled with it `no_token` and not placeable, in one
+    /// transaction. Returns the token and the ids of the hosts revoked now.
+    fn revoke_provisioning_token(
+        &self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Option<(ProvisioningToken, Vec<String>)>>;
+
+    fn insert_host(&self, host: &Host) -> Result<()>;
+    fn host(&self, id: &str) -> Result<Option<Host>>;
+    /// All hosts, or those of one cluster, by enrollment time.
+    fn hosts(&self, cluster_id: Option<&str>) -> Result<Vec<Host>>;
+    /// Hello: `connected`, with fresh telemetry. Refused (false) for a
+    /// revoked host.
+    fn set_host_connected(&self, id: &str, telemetry: &Telemetry, now_ms: i64) -> Result<bool>;
+    /// Heartbeat: last seen, and telemetry when the agent sent it.
+    fn record_heartbeat(&self, id: &str, telemetry: Option<&Telemetry>, now_ms: i64) -> Result<()>;
+    /// Stream closed or heartbeats missed: `connected` -> `disconnected`
+    /// (a `no_token` host stays `no_token`).
+    fn set_host_disconnected(&self, id: &str, now_ms: i64) -> Result<()>;
+    /// `no_token` for good; returns the host, or None if unknown.
+    fn revoke_host(&self, id: &str, reason: &str, now_ms: i64) -> Result<Option<Host>>;
+    /// At start-up no stream exists: every `connected` host becomes
+    /// `disconnected`. Returns how many.
+    fn disconnect_all(&self, now_ms: i64) -> Result<usize>;
+
+    fn append_host_event(&self, host_id: &str, event: &Event) -> Result<u64>;
+    /// Events of a host after `after_seq`, oldest first; with `tail`, only
+    /// the last `tail` of them.
+    fn host_events(
+        &self,
+        host_id: &str,
+        after_seq: u64,
+        tail: Option<u32>,
+    ) -> Result<Vec<StoredEvent>>;
+}

@@ -1,0 +1,828 @@
+//! The embedded store: one SQLite file in the data dir, WAL journal,
+//! migrations by `PRAGMA user_version` with one function per step.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use prost::Message as _;
+use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
+
+use super::{
+    Cluster, Host, HostStatus, OperatorToken, ProvisioningToken, Store, StoredEvent, TokenUsage,
+    DEFAULT_CLUSTER_ID,
+};
+use crate::error::{ControlError, Result};
+use proto::{Event, Telemetry};
+
+/// One step of the schema; step `i` (0-based) takes `user_version` from `i`
+/// to `i + 1`. Steps are only appended; none can be undone.
+type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
+
+const MIGRATIONS: &[Migration] = &[migrate_1_schema, migrate_2_default_cluster];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+fn migrate_1_schema(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE clusters (
+             id TEXT PRIMARY KEY,
+             name TEXT NOT NULL UNIQUE,
+             kind TEXT NOT NULL,
+             is_default INTEGER NOT NULL,
+             created_at_ms INTEGER NOT NULL
+         );
+         CREATE TABLE operator_tokens (
+             id TEXT PRIMARY KEY,
+             description TEXT NOT NULL,
+             secret_hash TEXT NOT NULL,
+             created_at_ms INTEGER NOT NULL,
+             revoked_at_ms INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE provisioning_tokens (
+             id TEXT PRIMARY KEY,
+             cluster_id TEXT NOT NULL REFERENCES clusters(id),
+             description TEXT NOT NULL,
+             long_living INTEGER NOT NULL,
+             secret_hash TEXT NOT NULL,
+             created_at_ms INTEGER NOT NULL,
+             expires_at_ms INTEGER NOT NULL,
+             revoked_at_ms INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE TABLE hosts (
+             id TEXT PRIMARY KEY,
+             name TEXT NOT NULL,
+             cluster_id TEXT NOT NULL REFERENCES clusters(id),
+             token_id TEXT NOT NULL REFERENCES provisioning_tokens(id),
+             credential_hash TEXT NOT NULL,
+             status TEXT NOT NULL,
+             telemetry BLOB NOT NULL,
+             enrolled_at_ms INTEGER NOT NULL,
+             last_seen_ms INTEGER NOT NULL,
+             revoked_at_ms INTEGER NOT NULL DEFAULT 0,
+             revoked_reason TEXT NOT NULL DEFAULT '',
+             placeable INTEGER NOT NULL DEFAULT 1
+         );
+         CREATE INDEX hosts_by_token ON hosts(token_id);
+         CREATE INDEX hosts_by_cluster ON hosts(cluster_id);
+         CREATE TABLE host_events (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             host_id TEXT NOT NULL REFERENCES hosts(id),
+             kind TEXT NOT NULL,
+             at_ms INTEGER NOT NULL,
+             event BLOB NOT NULL
+         );
+         CREATE INDEX host_events_by_host ON host_events(host_id, seq);",
+    )
+}
+
+fn migrate_2_default_cluster(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO clusters (id, name, kind, is_default, created_at_ms) VALUES (?1, 'default', 'byo', 1, ?2)",
+        params![DEFAULT_CLUSTER_ID, now_ms()],
+    )?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    crate::clock::now_ms()
+}
+
+/// The SQLite store. One connection behind a mutex: every call is a short
+/// transaction, and WAL lets other processes (`gstacks-control
+/// operator-token create`) read and write beside a running server.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path` and migrates it to
+    /// [`SCHEMA_VERSION`].
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let open_err = |source| ControlError::StoreOpen {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "store is not in WAL mode");
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
+        migrate(&mut conn, path)?;
+        Ok(SqliteStore {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        // A panic while holding the lock cannot leave a half-applied write
+        // (every write is a transaction), so a poisoned lock is still usable.
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut conn)
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`], one transaction per step.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let found: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(ControlError::StoreTooNew {
+            path: path.to_owned(),
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (step, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        migration(&tx)?;
+        tx.pragma_update(None, "user_version", step as u32 + 1)?;
+        tx.commit()?;
+        tracing::debug!(path = %path.display(), version = step + 1, "store migrated");
+    }
+    Ok(())
+}
+
+fn cluster_from_row(row: &Row<'_>) -> rusqlite::Result<Cluster> {
+    Ok(Cluster {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        kind: row.get(2)?,
+        is_default: row.get(3)?,
+    })
+}
+
+const TOKEN_COLUMNS: &str = "id, cluster_id, description, long_living, secret_hash, created_at_ms, expires_at_ms, revoked_at_ms";
+
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<ProvisioningToken> {
+    Ok(ProvisioningToken {
+        id: row.get(0)?,
+        cluster_id: row.get(1)?,
+        description: row.get(2)?,
+        long_living: row.get(3)?,
+        secret_hash: row.get(4)?,
+        created_at_ms: row.get(5)?,
+        expires_at_ms: row.get(6)?,
+        revoked_at_ms: row.get(7)?,
+    })
+}
+
+const OPERATOR_COLUMNS: &str = "id, description, secret_hash, created_at_ms, revoked_at_ms";
+
+fn operator_from_row(row: &Row<'_>) -> rusqlite::Result<OperatorToken> {
+    Ok(OperatorToken {
+        id: row.get(0)?,
+        description: row.get(1)?,
+        secret_hash: row.get(2)?,
+        created_at_ms: row.get(3)?,
+        revoked_at_ms: row.get(4)?,
+    })
+}
+
+const HOST_COLUMNS: &str = "id, name, cluster_id, token_id, credential_hash, status, telemetry, enrolled_at_ms, last_seen_ms, revoked_at_ms, revoked_reason, placeable";
+
+/// A host row before its blobs and enums are checked.
+struct RawHost {
+    host: Host,
+    status: String,
+    telemetry: Vec<u8>,
+}
+
+fn raw_host_from_row(row: &Row<'_>) -> rusqlite::Result<RawHost> {
+    Ok(RawHost {
+        host: Host {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            cluster_id: row.get(2)?,
+            token_id: row.get(3)?,
+            credential_hash: row.get(4)?,
+            status: HostStatus::Disconnected,
+            telemetry: Telemetry::default(),
+            enrolled_at_ms: row.get(7)?,
+            last_seen_ms: row.get(8)?,
+            revoked_at_ms: row.get(9)?,
+            revoked_reason: row.get(10)?,
+            placeable: row.get(11)?,
+        },
+        status: row.get(5)?,
+        telemetry: row.get(6)?,
+    })
+}
+
+impl RawHost {
+    fn check(self) -> Result<Host> {
+        let mut host = self.host;
+        host.status =
+            HostStatus::parse(&self.status).ok_or_else(|| ControlError::StoreCorrupt {
+                what: "host status of",
+                id: host.id.clone(),
+                reason: format!("unknown status `{}`", self.status),
+            })?;
+        host.telemetry = Telemetry::decode(self.telemetry.as_slice()).map_err(|err| {
+            ControlError::StoreCorrupt {
+                what: "telemetry of host",
+                id: host.id.clone(),
+                reason: err.to_string(),
+            }
+        })?;
+        Ok(host)
+    }
+}
+
+fn host_in(conn: &Connection, id: &str) -> Result<Option<Host>> {
+    conn.query_row(
+        &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1"),
+        [id],
+        raw_host_from_row,
+    )
+    .optional()?
+    .map(RawHost::check)
+    .transpose()
+}
+
+impl Store for SqliteStore {
+    fn clusters(&self) -> Result<Vec<Cluster>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, name, kind, is_default FROM clusters ORDER BY is_default DESC, name",
+            )?;
+            let rows = stmt.query_map([], cluster_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn cluster(&self, id: &str) -> Result<Option<Cluster>> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id, name, kind, is_default FROM clusters WHERE id = ?1",
+                    [id],
+                    cluster_from_row,
+                )
+                .optional()?)
+        })
+    }
+
+    fn insert_operator_token(&self, token: &OperatorToken) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO operator_tokens ({OPERATOR_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![
+                    token.id,
+                    token.description,
+                    token.secret_hash,
+                    token.created_at_ms,
+                    token.revoked_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn operator_token(&self, id: &str) -> Result<Option<OperatorToken>> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {OPERATOR_COLUMNS} FROM operator_tokens WHERE id = ?1"),
+                    [id],
+                    operator_from_row,
+                )
+                .optional()?)
+        })
+    }
+
+    fn active_operator_tokens(&self) -> Result<Vec<OperatorToken>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {OPERATOR_COLUMNS} FROM operator_tokens WHERE revoked_at_ms = 0 ORDER BY created_at_ms"
+            ))?;
+            let rows = stmt.query_map([], operator_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn revoke_operator_tokens_described(&self, description: &str, now_ms: i64) -> Result<usize> {
+        self.with(|conn| {
+            Ok(conn.execute(
+                "UPDATE operator_tokens SET revoked_at_ms = ?2 WHERE description = ?1 AND revoked_at_ms = 0",
+                params![description, now_ms],
+            )?)
+        })
+    }
+
+    fn insert_provisioning_token(&self, token: &ProvisioningToken) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO provisioning_tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                ),
+                params![
+                    token.id,
+                    token.cluster_id,
+                    token.description,
+                    token.long_living,
+                    token.secret_hash,
+                    token.created_at_ms,
+                    token.expires_at_ms,
+                    token.revoked_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn provisioning_token(&self, id: &str) -> Result<Option<ProvisioningToken>> {
+        self.with(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM provisioning_tokens WHERE id = ?1"),
+                    [id],
+                    token_from_row,
+                )
+                .optional()?)
+        })
+    }
+
+    fn provisioning_tokens(&self, cluster_id: Option<&str>) -> Result<Vec<TokenUsage>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TOKEN_COLUMNS}, (SELECT COUNT(*) FROM hosts h WHERE h.token_id = t.id)
+                 FROM provisioning_tokens t
+                 WHERE ?1 IS NULL OR cluster_id = ?1
+                 ORDER BY created_at_ms, id"
+            ))?;
+            let rows = stmt.query_map([cluster_id], |row| {
+                Ok(TokenUsage {
+                    token: token_from_row(row)?,
+                    hosts_enrolled: row.get(8)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn revoke_provisioning_token(
+        &self,
+        id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<Option<(ProvisioningToken, Vec<String>)>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE provisioning_tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms = 0",
+                params![id, now_ms],
+            )?;
+            let Some(token) = tx
+                .query_row(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM provisioning_tokens WHERE id = ?1"),
+                    [id],
+                    token_from_row,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let hosts: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "UPDATE hosts SET status = 'no_token', placeable = 0, revoked_at_ms = ?2, revoked_reason = ?3
+                     WHERE token_id = ?1 AND revoked_at_ms = 0
+                     RETURNING id",
+                )?;
+                let rows = stmt.query_map(params![id, now_ms, reason], |row| row.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            tx.commit()?;
+            Ok(Some((token, hosts)))
+        })
+    }
+
+    fn insert_host(&self, host: &Host) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
+                params![
+                    host.id,
+                    host.name,
+                    host.cluster_id,
+                    host.token_id,
+                    host.credential_hash,
+                    host.status.as_str(),
+                    host.telemetry.encode_to_vec(),
+                    host.enrolled_at_ms,
+                    host.last_seen_ms,
+                    host.revoked_at_ms,
+                    host.revoked_reason,
+                    host.placeable
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn host(&self, id: &str) -> Result<Option<Host>> {
+        self.with(|conn| host_in(conn, id))
+    }
+
+    fn hosts(&self, cluster_id: Option<&str>) -> Result<Vec<Host>> {
+        self.with(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {HOST_COLUMNS} FROM hosts WHERE ?1 IS NULL OR cluster_id = ?1 ORDER BY enrolled_at_ms, id"
+            ))?;
+            let rows = stmt.query_map([cluster_id], raw_host_from_row)?;
+            rows.map(|raw| raw.map_err(ControlError::from).and_then(RawHost::check))
+                .collect()
+        })
+    }
+
+    fn set_host_connected(&self, id: &str, telemetry: &Telemetry, now_ms: i64) -> Result<bool> {
+        self.with(|conn| {
+            let changed = conn.execute(
+                "UPDATE hosts SET status = 'connected', telemetry = ?2, last_seen_ms = ?3
+                 WHERE id = ?1 AND revoked_at_ms = 0",
+                params![id, telemetry.encode_to_vec(), now_ms],
+            )?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn record_heartbeat(&self, id: &str, telemetry: Option<&Telemetry>, now_ms: i64) -> Result<()> {
+        self.with(|conn| {
+            match telemetry {
+                Some(telemetry) => conn.execute(
+                    "UPDATE hosts SET last_seen_ms = ?2, telemetry = ?3 WHERE id = ?1",
+                    params![id, now_ms, telemetry.encode_to_vec()],
+                )?,
+                None => conn.execute(
+                    "UPDATE hosts SET last_seen_ms = ?2 WHERE id = ?1",
+                    params![id, now_ms],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    fn set_host_disconnected(&self, id: &str, now_ms: i64) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                "UPDATE hosts SET status = 'disconnected', last_seen_ms = MAX(last_seen_ms, ?2)
+                 WHERE id = ?1 AND status = 'connected'",
+                params![id, now_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_host(&self, id: &str, reason: &str, now_ms: i64) -> Result<Option<Host>> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "UPDATE hosts SET status = 'no_token', placeable = 0, revoked_at_ms = ?2, revoked_reason = ?3
+                 WHERE id = ?1 AND revoked_at_ms = 0",
+                params![id, now_ms, reason],
+            )?;
+            let host = host_in(&tx, id)?;
+            tx.commit()?;
+            Ok(host)
+        })
+    }
+
+    fn disconnect_all(&self, now_ms: i64) -> Result<usize> {
+        self.with(|conn| {
+            Ok(conn.execute(
+                "UPDATE hosts SET status = 'disconnected' WHERE status = 'connected'",
+                [],
+            )?)
+        })
+        .inspect(|n| {
+            if *n > 0 {
+                tracing::debug!(hosts = n, at = now_ms, "hosts marked disconnected at start");
+            }
+        })
+    }
+
+    fn append_host_event(&self, host_id: &str, event: &Event) -> Result<u64> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO host_events (host_id, kind, at_ms, event) VALUES (?1, ?2, ?3, ?4)",
+                params![host_id, event.kind, event.at_ms, event.encode_to_vec()],
+            )?;
+            Ok(conn.last_insert_rowid() as u64)
+        })
+    }
+
+    fn host_events(
+        &self,
+        host_id: &str,
+        after_seq: u64,
+        tail: Option<u32>,
+    ) -> Result<Vec<StoredEvent>> {
+        self.with(|conn| {
+            let limit: i64 = tail.map_or(-1, i64::from);
+            let mut stmt = conn.prepare(
+                "SELECT seq, event FROM (
+                     SELECT seq, event FROM host_events WHERE host_id = ?1 AND seq > ?2
+                     ORDER BY seq DESC LIMIT ?3
+                 ) ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![host_id, after_seq as i64, limit], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (seq, blob) = row?;
+                let event =
+                    Event::decode(blob.as_slice()).map_err(|err| ControlError::StoreCorrupt {
+                        what: "host event",
+                        id: seq.to_string(),
+                        reason: err.to_string(),
+                    })?;
+                events.push(StoredEvent {
+                    seq: seq as u64,
+                    host_id: host_id.to_owned(),
+                    event,
+                });
+            }
+            Ok(events)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(id: &str, token_id: &str) -> Host {
+        Host {
+            id: id.to_owned(),
+            name: format!("{id}-name"),
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            token_id: token_id.to_owned(),
+            credential_hash: "ab".repeat(32),
+            status: HostStatus::Disconnected,
+            telemetry: Telemetry {
+                arch: "amd64".into(),
+                traits: vec!["docker".into()],
+                ..Default::default()
+            },
+            enrolled_at_ms: 1,
+            last_seen_ms: 0,
+            revoked_at_ms: 0,
+            revoked_reason: String::new(),
+            placeable: true,
+        }
+    }
+
+    fn token(id: &str) -> ProvisioningToken {
+        ProvisioningToken {
+            id: id.to_owned(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            description: "test".into(),
+            long_living: false,
+            secret_hash: "cd".repeat(32),
+            created_at_ms: 10,
+            expires_at_ms: 20,
+            revoked_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn fresh_store_migrates_to_current_version_with_default_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let clusters = store.clusters().unwrap();
+        assert_eq!(clusters.len(), 1);
+        assert_eq!(clusters[0].id, DEFAULT_CLUSTER_ID);
+        assert_eq!(clusters[0].kind, "byo");
+        assert!(clusters[0].is_default);
+        let version: u32 = store
+            .with(|c| Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mode: String = store
+            .with(|c| Ok(c.pragma_query_value(None, "journal_mode", |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        drop(store);
+        // Reopening runs no step twice (the default cluster insert would fail).
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.clusters().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn migration_resumes_from_an_older_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            migrate_1_schema(&tx).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.clusters().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn newer_store_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 5)
+                .unwrap();
+        }
+        let err = SqliteStore::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("newer than this gstacks-control knows"),
+            "{err}"
+        );
+        let conn = Connection::open(&path).unwrap();
+        let version: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION + 5);
+    }
+
+    #[test]
+    fn host_state_transitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_host(&host("hst_a", "tok_a")).unwrap();
+        let telemetry = Telemetry {
+            agent_version: "1.2.3".into(),
+            ..Default::default()
+        };
+        assert!(store.set_host_connected("hst_a", &telemetry, 100).unwrap());
+        let h = store.host("hst_a").unwrap().unwrap();
+        assert_eq!(h.status, HostStatus::Connected);
+        assert_eq!(h.telemetry.agent_version, "1.2.3");
+        assert_eq!(h.last_seen_ms, 100);
+        store.record_heartbeat("hst_a", None, 150).unwrap();
+        assert_eq!(store.host("hst_a").unwrap().unwrap().last_seen_ms, 150);
+        store.set_host_disconnected("hst_a", 160).unwrap();
+        assert_eq!(
+            store.host("hst_a").unwrap().unwrap().status,
+            HostStatus::Disconnected
+        );
+        assert!(store.set_host_connected("hst_a", &telemetry, 170).unwrap());
+        assert_eq!(store.disconnect_all(180).unwrap(), 1);
+        assert_eq!(
+            store.host("hst_a").unwrap().unwrap().status,
+            HostStatus::Disconnected
+        );
+
+        let revoked = store
+            .revoke_host("hst_a", "operator said so", 200)
+            .unwrap()
+            .unwrap();
+        assert_eq!(revoked.status, HostStatus::NoToken);
+        assert!(!revoked.placeable);
+        assert_eq!(revoked.revoked_reason, "operator said so");
+        // A revoked host can neither connect nor be marked disconnected.
+        assert!(!store.set_host_connected("hst_a", &telemetry, 210).unwrap());
+        store.set_host_disconnected("hst_a", 220).unwrap();
+        let h = store.host("hst_a").unwrap().unwrap();
+        assert_eq!(h.status, HostStatus::NoToken);
+        // Revoking again keeps the first time and reason.
+        let again = store.revoke_host("hst_a", "second", 300).unwrap().unwrap();
+        assert_eq!(again.revoked_at_ms, 200);
+        assert_eq!(again.revoked_reason, "operator said so");
+        assert!(store.revoke_host("hst_none", "x", 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn token_revocation_takes_its_hosts_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_provisioning_token(&token("tok_b")).unwrap();
+        store.insert_host(&host("hst_1", "tok_a")).unwrap();
+        store.insert_host(&host("hst_2", "tok_a")).unwrap();
+        store.insert_host(&host("hst_3", "tok_b")).unwrap();
+        let usage = store.provisioning_tokens(None).unwrap();
+        assert_eq!(usage.len(), 2);
+        assert_eq!(usage[0].hosts_enrolled, 2);
+
+        let (tok, mut hosts) = store
+            .revoke_provisioning_token("tok_a", "token revoked", 500)
+            .unwrap()
+            .unwrap();
+        hosts.sort();
+        assert_eq!(tok.revoked_at_ms, 500);
+        assert_eq!(hosts, ["hst_1", "hst_2"]);
+        assert_eq!(
+            store.host("hst_3").unwrap().unwrap().status,
+            HostStatus::Disconnected
+        );
+        for id in ["hst_1", "hst_2"] {
+            let h = store.host(id).unwrap().unwrap();
+            assert_eq!(h.status, HostStatus::NoToken);
+            assert!(!h.placeable);
+        }
+        // Idempotent: the first revocation time stays, no host is revoked twice.
+        let (tok, hosts) = store
+            .revoke_provisioning_token("tok_a", "again", 900)
+            .unwrap()
+            .unwrap();
+        assert_eq!(tok.revoked_at_ms, 500);
+        assert!(hosts.is_empty());
+        assert!(store
+            .revoke_provisioning_token("tok_none", "x", 1)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn token_expiry() {
+        let mut t = token("tok_a");
+        assert!(!t.is_expired(19));
+        assert!(t.is_expired(20));
+        t.expires_at_ms = 0;
+        assert!(!t.is_expired(i64::MAX));
+    }
+
+    #[test]
+    fn events_append_and_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_host(&host("hst_1", "tok_a")).unwrap();
+        let mut seqs = Vec::new();
+        for i in 0..5 {
+            let event = Event {
+                kind: format!("k{i}"),
+                at_ms: i,
+                ..Default::default()
+            };
+            seqs.push(store.append_host_event("hst_1", &event).unwrap());
+        }
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        let all = store.host_events("hst_1", 0, None).unwrap();
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0].event.kind, "k0");
+        let tail = store.host_events("hst_1", 0, Some(2)).unwrap();
+        let kinds: Vec<_> = tail.iter().map(|e| e.event.kind.as_str()).collect();
+        assert_eq!(kinds, ["k3", "k4"]);
+        let after = store.host_events("hst_1", seqs[3], None).unwrap();
+        assert_eq!(after.len(), 1);
+        assert!(store.host_events("hst_other", 0, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn operator_tokens_by_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        for (id, desc) in [("op_1", "dev"), ("op_2", "first start")] {
+            store
+                .insert_operator_token(&OperatorToken {
+                    id: id.into(),
+                    description: desc.into(),
+                    secret_hash: "ef".repeat(32),
+                    created_at_ms: 1,
+                    revoked_at_ms: 0,
+                })
+                .unwrap();
+        }
+        assert_eq!(store.active_operator_tokens().unwrap().len(), 2);
+        assert_eq!(store.revoke_operator_tokens_described("dev", 5).unwrap(), 1);
+        let active = store.active_operator_tokens().unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].id, "op_2");
+        assert_eq!(
+            store.operator_token("op_1").unwrap().unwrap().revoked_at_ms,
+            5
+        );
+    }
+}
