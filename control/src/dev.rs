@@ -75,7 +75,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         .env("GLOBALSTACKS_CONTROL_URL", running.url())
         .env("GLOBALSTACKS_PROVISIONING_TOKEN", provisioning.expose())
         .env("GLOBALSTACKS_STATE_DIR", &state_dir)
-        .env("GLOBALSTACKS_CA_CERT", &running.tls.cert_path)
+        .env("GLOBALSTACKS_CONTROL_CA_FILE", &running.tls.cert_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -113,7 +113,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         operator.secret.expose()
     );
     println!(
-        "  export GLOBALSTACKS_CA_CERT={}",
+        "  export GLOBALSTACKS_API_CA_FILE={}",
         running.tls.cert_path.display()
     );
     println!("  gstacks host list        # or: cargo run --release --bin gstacks -- host list");

@@ -150,7 +150,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "certificate SHA-256 fingerprint: {} (clients trust it with GLOBALSTACKS_CA_CERT={})",
+                "certificate SHA-256 fingerprint: {} (agents trust it with GLOBALSTACKS_CONTROL_CA_FILE={}, gstacks with GLOBALSTACKS_API_CA_FILE)",
                 running.tls.fingerprint()?,
                 running.tls.cert_path.display()
             );

@@ -1,6 +1,7 @@
 //! The server certificate: given by flags, or a self-signed one that `--dev`
 //! writes into the data dir on first start. Clients trust exactly that PEM
-//! (`GLOBALSTACKS_CA_CERT`); the SHA-256 fingerprint is for people.
+//! (`GLOBALSTACKS_CONTROL_CA_FILE`, `GLOBALSTACKS_API_CA_FILE`) or pin the
+//! SHA-256 fingerprint printed at start.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
