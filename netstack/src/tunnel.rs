@@ -158,8 +158,9 @@ pub(crate) struct Tunnel {
     retry_after: Duration,
     /// Time of the last give-up: triggers need fresh traffic after it.
     gave_up: Option<Instant>,
-    /// Consumed "sent data, heard nothing" trigger.
-    silence_trigger: Option<Instant>,
+    /// The first data sent since the last authenticated packet received:
+    /// if nothing comes back within KEEPALIVE + REKEY_TIMEOUT, handshake.
+    unanswered_since: Option<Instant>,
     last_sent: Option<Instant>,
     last_received: Option<Instant>,
     last_data_sent: Option<Instant>,
@@ -219,7 +220,7 @@ impl Tunnel {
             last_initiation: None,
             retry_after: REKEY_TIMEOUT,
             gave_up: None,
-            silence_trigger: None,
+            unanswered_since: None,
             last_sent: None,
             last_received: None,
             last_data_sent: None,
@@ -279,9 +280,15 @@ impl Tunnel {
             }
             MSG_DATA if packet.len() > WG_OVERHEAD => {
                 self.last_data_sent = Some(now);
+                self.unanswered_since.get_or_insert(now);
             }
             _ => {}
         }
+    }
+
+    fn mark_received(&mut self, now: Instant) {
+        self.last_received = Some(now);
+        self.unanswered_since = None;
     }
 
     fn session_established(&mut self, now: Instant, we_initiated: bool) {
@@ -369,11 +376,11 @@ impl Tunnel {
                 let out: &'a [u8] = out;
                 match (kind, message_type(out)) {
                     (MSG_INIT, MSG_RESPONSE) => {
-                        self.last_received = Some(now);
+                        self.mark_received(now);
                         self.session_established(now, false);
                     }
                     (MSG_RESPONSE, MSG_DATA) => {
-                        self.last_received = Some(now);
+                        self.mark_received(now);
                         self.session_established(now, true);
                     }
                     _ => {}
@@ -384,14 +391,14 @@ impl Tunnel {
                 Received::Reply(out)
             }
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
-                self.last_received = Some(now);
+                self.mark_received(now);
                 self.last_data_received = Some(now);
                 self.rx_bytes += packet.len() as u64;
                 Received::Ip(packet)
             }
             TunnResult::Done => {
                 if kind == MSG_DATA {
-                    self.last_received = Some(now);
+                    self.mark_received(now);
                 }
                 Received::Nothing
             }
@@ -448,13 +455,11 @@ impl Tunnel {
                     TimerAction::StartHandshake,
                 );
             }
-            if self.silence_armed() {
-                if let Some(received) = self.last_received {
-                    consider(
-                        received + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
-                        TimerAction::SilenceHandshake,
-                    );
-                }
+            if let Some(sent) = self.unanswered_since {
+                consider(
+                    sent + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT,
+                    TimerAction::SilenceHandshake,
+                );
             }
             if later(self.last_data_received, self.last_sent) {
                 if let Some(received) = self.last_data_received {
@@ -491,12 +496,6 @@ impl Tunnel {
             && later(self.last_data_received, self.gave_up)
     }
 
-    fn silence_armed(&self) -> bool {
-        later(self.last_data_sent, self.last_received)
-            && later(self.last_data_sent, self.silence_trigger)
-            && later(self.last_data_sent, self.gave_up)
-    }
-
     /// Run the WireGuard timers due at `now`. Returns a message to send, if
     /// any; call again until it returns `None`.
     pub(crate) fn handle_timers<'a>(
@@ -519,7 +518,8 @@ impl Tunnel {
                 TimerAction::SendInitiation => return non_empty(self.initiate(now, dst)),
                 TimerAction::StartHandshake | TimerAction::SilenceHandshake => {
                     if matches!(action, TimerAction::SilenceHandshake) {
-                        self.silence_trigger = Some(now);
+                        tracing::debug!(peer = %self.peer, "no answer for KEEPALIVE + REKEY_TIMEOUT: handshake");
+                        self.unanswered_since = None;
                     }
                     self.attempt_started = Some(now);
                     return non_empty(self.initiate(now, dst));

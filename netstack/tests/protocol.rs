@@ -1,0 +1,358 @@
+//! Protocol behaviour of sans-IO `Node`s over a simulated link with a
+//! virtual clock: handshakes, data, rekeying, keepalives, roaming, peer
+//! removal and packet loss. No sockets, no sleeps.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use netstack::{DropReason, REKEY_AFTER_TIME};
+use sha2::{Digest, Sha256};
+use support::{udp_addr, Sim};
+
+const HANDSHAKE_INIT: u8 = 1;
+
+fn initiations_from(sim: &Sim, node: usize) -> usize {
+    let from = sim.nodes[node].udp;
+    sim.log
+        .iter()
+        .filter(|d| d.from == from && d.kind() == HANDSHAKE_INIT)
+        .count()
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// UDP datagram from node a to node b over the overlay, checked on arrival.
+fn udp_exchange(sim: &mut Sim, a: usize, b: usize, port: u16, payload: &[u8]) {
+    let sa = sim.nodes[a]
+        .node
+        .udp_bind(port)
+        .unwrap_or_else(|_| panic!("bind {port}"));
+    let sb = sim.nodes[b].node.udp_bind(port).unwrap();
+    let dst = SocketAddr::new(sim.nodes[b].v4, port);
+    sim.nodes[a]
+        .node
+        .udp_send_to(sa, payload, dst, None)
+        .unwrap();
+    let mut got = None;
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        let mut buf = [0u8; 2048];
+        if let Ok((n, from)) = s.nodes[b].node.udp_recv_from(sb, &mut buf, None) {
+            got = Some((buf[..n].to_vec(), from));
+        }
+        got.is_some()
+    });
+    assert!(ok, "datagram from node {a} to node {b} never arrived");
+    let (bytes, from) = got.unwrap();
+    assert_eq!(bytes, payload);
+    assert_eq!(from, SocketAddr::new(sim.nodes[a].v4, port));
+    sim.nodes[a].node.udp_release(sa);
+    sim.nodes[b].node.udp_release(sb);
+}
+
+#[test]
+fn handshake_from_either_side_and_data_both_ways() {
+    for initiator in [0, 1] {
+        let responder = 1 - initiator;
+        let mut sim = Sim::new(2);
+        sim.full_mesh();
+        udp_exchange(&mut sim, initiator, responder, 5000, b"hello");
+        assert_eq!(
+            initiations_from(&sim, initiator),
+            1,
+            "one handshake, from {initiator}"
+        );
+        assert_eq!(initiations_from(&sim, responder), 0);
+        udp_exchange(&mut sim, responder, initiator, 5001, b"hello back");
+        assert_eq!(
+            initiations_from(&sim, responder),
+            0,
+            "the session is reused"
+        );
+
+        // TCP both ways over the same session, v4 and v6.
+        let listener_port = 80;
+        sim.nodes[responder].node.tcp_listen(listener_port).unwrap();
+        let remote = SocketAddr::new(sim.nodes[responder].v6, listener_port);
+        let client = sim.connect(initiator, remote);
+        let server = sim.accept(responder, listener_port);
+        let up = pattern(300_000, 1);
+        let got = sim.transfer(
+            (initiator, client),
+            (responder, server),
+            &up,
+            Duration::from_secs(60),
+        );
+        assert_eq!(got, up);
+        let down = pattern(200_000, 2);
+        let got = sim.transfer(
+            (responder, server),
+            (initiator, client),
+            &down,
+            Duration::from_secs(60),
+        );
+        assert_eq!(got, down);
+
+        for (me, other) in [(initiator, responder), (responder, initiator)] {
+            let status = sim.nodes[me].node.status();
+            let peer = status.peer(&sim.nodes[other].key.public_key()).unwrap();
+            assert!(peer.last_handshake.is_some());
+            assert!(
+                peer.tx_bytes > 200_000 && peer.rx_bytes > 200_000,
+                "{peer:?}"
+            );
+            assert_eq!(
+                status.total_drops().total(),
+                0,
+                "{:?}",
+                status.total_drops()
+            );
+        }
+    }
+}
+
+#[test]
+fn rekey_after_rekey_after_time_keeps_the_stream_going() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[1].node.tcp_listen(80).unwrap();
+    let remote = SocketAddr::new(sim.nodes[1].v4, 80);
+    let client = sim.connect(0, remote);
+    let server = sim.accept(1, 80);
+    let first = sim.nodes[0].node.status().peers[0].last_handshake.unwrap();
+    assert_eq!(initiations_from(&sim, 0), 1);
+
+    // A message every 5 seconds for 150 seconds of virtual time.
+    let mut buf = [0u8; 64];
+    for i in 0..30u8 {
+        sim.nodes[0].node.tcp_send(client, &[i; 10], None).unwrap();
+        let ok = sim.run_until(Duration::from_secs(5), |s| {
+            s.nodes[1]
+                .node
+                .tcp_recv(server, &mut buf, None)
+                .is_ok_and(|n| n == 10)
+        });
+        assert!(ok, "message {i} lost at {:?}", sim.elapsed());
+        assert_eq!(buf[..10], [i; 10]);
+        let elapsed = sim.elapsed();
+        sim.run_until(
+            Duration::from_secs(5).saturating_sub(sim.elapsed() - elapsed),
+            |_| false,
+        );
+    }
+    assert!(sim.elapsed() > REKEY_AFTER_TIME + Duration::from_secs(20));
+    assert_eq!(
+        initiations_from(&sim, 0),
+        2,
+        "the initiator rekeys once after REKEY_AFTER_TIME"
+    );
+    assert_eq!(initiations_from(&sim, 1), 0, "the responder does not rekey");
+    let rekey = sim
+        .log
+        .iter()
+        .filter(|d| d.kind() == HANDSHAKE_INIT)
+        .nth(1)
+        .unwrap()
+        .at;
+    let rekey_after = rekey - sim.start;
+    assert!(
+        rekey_after >= REKEY_AFTER_TIME && rekey_after < REKEY_AFTER_TIME + Duration::from_secs(6),
+        "rekeyed at {rekey_after:?}"
+    );
+    for node in 0..2 {
+        let last = sim.nodes[node].node.status().peers[0]
+            .last_handshake
+            .unwrap();
+        assert!(
+            last - first >= REKEY_AFTER_TIME,
+            "node {node} has the new session"
+        );
+        assert_eq!(sim.nodes[node].node.status().total_drops().total(), 0);
+    }
+}
+
+#[test]
+fn persistent_and_passive_keepalives() {
+    let mut sim = Sim::new(2);
+    let mut a_peer = sim.peer_of(1);
+    a_peer.persistent_keepalive = Some(25);
+    let b_peer = sim.peer_of(0);
+    let now = sim.now;
+    sim.nodes[0].node.set_peers(vec![a_peer], now).unwrap();
+    sim.nodes[1].node.set_peers(vec![b_peer], now).unwrap();
+    // With a persistent keepalive the node brings the session up by itself.
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(initiations_from(&sim, 0), 1);
+    assert!(sim.nodes[1].node.status().peers[0].last_handshake.is_some());
+    let a = sim.nodes[0].udp;
+    let before = sim
+        .log
+        .iter()
+        .filter(|d| d.from == a && d.is_keepalive())
+        .count();
+    sim.run_for(Duration::from_secs(100));
+    let keepalives: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|d| d.from == a && d.is_keepalive())
+        .map(|d| (d.at - sim.start).as_secs())
+        .collect();
+    assert_eq!(keepalives.len() - before, 4, "every 25 s: {keepalives:?}");
+
+    // Passive keepalive: B sends data; A has nothing to say; within
+    // KEEPALIVE_TIMEOUT A confirms receipt with a keepalive.
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    udp_exchange(&mut sim, 0, 1, 6000, b"ping");
+    let b = sim.nodes[1].udp;
+    let start = sim.now;
+    sim.run_for(Duration::from_secs(11));
+    let from_b: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|d| d.from == b && d.at > start && d.is_keepalive())
+        .collect();
+    assert_eq!(from_b.len(), 1, "one passive keepalive from the receiver");
+    let at = from_b[0].at - start;
+    assert!(
+        at >= Duration::from_secs(9) && at <= Duration::from_secs(11),
+        "{at:?}"
+    );
+    // And then silence: no traffic without data.
+    let count = sim.log.len();
+    sim.run_for(Duration::from_secs(300));
+    assert_eq!(
+        sim.log.len(),
+        count,
+        "an idle tunnel without persistent keepalive is silent"
+    );
+}
+
+#[test]
+fn roaming_follows_authenticated_packets() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[0].node.tcp_listen(80).unwrap();
+    let remote = SocketAddr::new(sim.nodes[0].v4, 80);
+    let client = sim.connect(1, remote);
+    let server = sim.accept(0, 80);
+    // Node 1 moves to a new UDP address (NAT rebinding, new network).
+    let moved = SocketAddr::from(([198, 51, 100, 7], 40000));
+    sim.nodes[1].udp = moved;
+    let data = pattern(100_000, 3);
+    let got = sim.transfer((1, client), (0, server), &data, Duration::from_secs(60));
+    assert_eq!(got, data);
+    let back = pattern(100_000, 4);
+    let got = sim.transfer((0, server), (1, client), &back, Duration::from_secs(60));
+    assert_eq!(got, back);
+    let status = sim.nodes[0].node.status();
+    assert_eq!(status.peers[0].endpoint, Some(moved));
+    // A forged packet from elsewhere does not move the endpoint.
+    let mut forged = sim
+        .log
+        .iter()
+        .rev()
+        .find(|d| d.from == moved && d.kind() == 4)
+        .unwrap()
+        .bytes
+        .clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    sim.inject(udp_addr(66), 0, &forged);
+    assert_eq!(sim.nodes[0].node.status().peers[0].endpoint, Some(moved));
+}
+
+#[test]
+fn removing_a_peer_stops_its_traffic_and_keeps_the_others() {
+    let mut sim = Sim::new(3);
+    sim.full_mesh();
+    sim.nodes[0].node.tcp_listen(80).unwrap();
+    let to_a = SocketAddr::new(sim.nodes[0].v4, 80);
+    let from_c = sim.connect(2, to_a);
+    let at_a_c = sim.accept(0, 80);
+    udp_exchange(&mut sim, 1, 0, 7000, b"from b");
+    let inits_before = initiations_from(&sim, 2) + initiations_from(&sim, 0);
+
+    // A drops B; C stays (same config).
+    let keep = vec![sim.peer_of(2)];
+    let now = sim.now;
+    sim.nodes[0].node.set_peers(keep, now).unwrap();
+
+    // A can no longer reach B.
+    let (b_v4, a_v4) = (sim.nodes[1].v4, sim.nodes[0].v4);
+    let sa = sim.nodes[0].node.udp_bind(7001).unwrap();
+    let err = sim.nodes[0]
+        .node
+        .udp_send_to(sa, b"x", SocketAddr::new(b_v4, 7001), None)
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::HostUnreachable);
+    assert!(sim.nodes[0]
+        .node
+        .tcp_connect(SocketAddr::new(b_v4, 80))
+        .is_err());
+    // B's packets to A are dropped, never answered.
+    let sb = sim.nodes[1].node.udp_bind(7002).unwrap();
+    sim.nodes[1]
+        .node
+        .udp_send_to(sb, b"still there?", SocketAddr::new(a_v4, 7002), None)
+        .unwrap();
+    let b_addr = sim.nodes[1].udp;
+    let a_addr = sim.nodes[0].udp;
+    let log_start = sim.log.len();
+    sim.run_for(Duration::from_secs(30));
+    let a_drops = sim.nodes[0].node.status().drops;
+    assert!(a_drops.get(DropReason::UnknownIndex) + a_drops.get(DropReason::UnknownPeer) > 0);
+    assert!(
+        !sim.log[log_start..]
+            .iter()
+            .any(|d| d.from == a_addr && d.to == b_addr),
+        "A never answers the removed peer"
+    );
+
+    // C's connection was not disturbed: no new handshake, data still flows.
+    let data = pattern(50_000, 5);
+    let got = sim.transfer((2, from_c), (0, at_a_c), &data, Duration::from_secs(60));
+    assert_eq!(got, data);
+    let inits: Vec<_> = sim
+        .log
+        .iter()
+        .filter(|d| d.kind() == HANDSHAKE_INIT)
+        .map(|d| (d.from, d.to, d.at - sim.start))
+        .collect();
+    assert_eq!(
+        initiations_from(&sim, 2) + initiations_from(&sim, 0),
+        inits_before,
+        "{inits:?}"
+    );
+}
+
+#[test]
+fn five_percent_loss_still_delivers_a_tcp_stream_intact() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.loss = 0.05;
+    sim.nodes[1].node.tcp_listen(443).unwrap();
+    let remote = SocketAddr::new(sim.nodes[1].v4, 443);
+    let client = sim.connect(0, remote);
+    let server = sim.accept(1, 443);
+    let data = pattern(4 << 20, 6);
+    let got = sim.transfer((0, client), (1, server), &data, Duration::from_secs(600));
+    assert_eq!(got.len(), data.len());
+    assert_eq!(Sha256::digest(&got), Sha256::digest(&data));
+    let lost = sim.log.len();
+    assert!(
+        lost > 3000,
+        "the stream crossed the lossy link ({lost} datagrams)"
+    );
+}
