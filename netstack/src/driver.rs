@@ -23,11 +23,9 @@ use tokio::task::JoinHandle;
 
 use crate::node::{ConnectState, Node, NodeConfig, PeerConfig, SocketId, Transmit};
 use crate::status::Status;
+use crate::wire_socket::WireSocket;
 use crate::{NetstackError, PublicKey};
 
-/// Kernel buffers of the node's UDP socket: bursts of a fast stream must not
-/// overflow them (the kernel caps them at net.core.[rw]mem_max).
-const UDP_SOCKET_BUFFER: usize = 4 << 20;
 /// Datagrams received per pass before the node processes them.
 const RECV_BATCH: usize = 32;
 /// Largest datagram accepted.
@@ -94,24 +92,6 @@ impl std::fmt::Debug for MeshNode {
     }
 }
 
-fn udp_socket(listen: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if let Err(e) = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER) {
-        tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");
-    }
-    if let Err(e) = socket.set_send_buffer_size(UDP_SOCKET_BUFFER) {
-        tracing::debug!(error = %e, "cannot enlarge the UDP send buffer");
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&listen.into())?;
-    tokio::net::UdpSocket::from_std(socket.into())
-}
-
 impl MeshNode {
     /// Bind the UDP socket, build the node and start its driver task.
     pub async fn bind(
@@ -119,7 +99,8 @@ impl MeshNode {
         peers: Vec<PeerConfig>,
     ) -> Result<MeshNode, NetstackError> {
         let node = Node::new(config.private_key, &config.addresses, peers, Instant::now())?;
-        let udp = udp_socket(config.listen).map_err(|e| NetstackError::Bind(config.listen, e))?;
+        let udp =
+            WireSocket::bind(config.listen).map_err(|e| NetstackError::Bind(config.listen, e))?;
         let local_addr = udp
             .local_addr()
             .map_err(|e| NetstackError::Bind(config.listen, e))?;
@@ -256,29 +237,16 @@ impl MeshNode {
 }
 
 /// The driver task.
-async fn drive(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
-    let mut datagrams: Vec<(Vec<u8>, usize, SocketAddr)> = (0..RECV_BATCH)
-        .map(|_| {
-            (
-                vec![0u8; MAX_DATAGRAM],
-                0,
-                SocketAddr::from(([0, 0, 0, 0], 0)),
-            )
-        })
-        .collect();
+async fn drive(shared: Arc<Shared>, udp: WireSocket) {
+    let mut buffers: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; MAX_DATAGRAM]).collect();
+    let mut received: Vec<(usize, SocketAddr, usize)> = Vec::with_capacity(RECV_BATCH);
     let mut out: Vec<Transmit> = Vec::new();
-    let mut sent_buffers: Vec<Vec<u8>> = Vec::new();
     while !shared.shutdown.load(Ordering::Acquire) {
         tokio::task::consume_budget().await;
-        let mut received = 0;
-        while received < RECV_BATCH {
-            let (buf, len, from) = &mut datagrams[received];
-            match udp.try_recv_from(buf) {
-                Ok((n, addr)) => {
-                    *len = n;
-                    *from = addr;
-                    received += 1;
-                }
+        received.clear();
+        while received.len() < RECV_BATCH {
+            match udp.try_recv(&mut buffers[received.len()]) {
+                Ok(got) => received.push((got.len, got.from, got.segment)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "UDP receive error");
@@ -289,11 +257,13 @@ async fn drive(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
         let now = Instant::now();
         let deadline = {
             let mut node = shared.node();
-            for buf in sent_buffers.drain(..) {
-                node.recycle(buf);
+            for transmit in out.drain(..) {
+                node.recycle(transmit.contents);
             }
-            for (buf, len, from) in &datagrams[..received] {
-                node.handle_udp(now, *from, &buf[..*len]);
+            for (buf, (len, from, segment)) in buffers.iter().zip(&received) {
+                for datagram in buf[..*len].chunks(*segment) {
+                    node.handle_udp(now, *from, datagram);
+                }
             }
             node.handle_timeout(now);
             while let Some(transmit) = node.poll_transmit() {
@@ -301,25 +271,8 @@ async fn drive(shared: Arc<Shared>, udp: tokio::net::UdpSocket) {
             }
             node.poll_timeout()
         };
-        let sent = out.len();
-        for transmit in out.drain(..) {
-            loop {
-                match udp.try_send_to(&transmit.contents, transmit.destination) {
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if udp.writable().await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, to = %transmit.destination, "UDP send error");
-                        break;
-                    }
-                }
-            }
-            sent_buffers.push(transmit.contents);
-        }
-        if received > 0 || sent > 0 {
+        udp.send_all(&out).await;
+        if !received.is_empty() || !out.is_empty() {
             // Progress: go round again before sleeping.
             continue;
         }

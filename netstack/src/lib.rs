@@ -18,6 +18,7 @@ mod key;
 mod node;
 mod status;
 mod tunnel;
+mod wire_socket;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -36,7 +36,7 @@ use crate::NetstackError;
 /// that window scaling lets one stream fill a fast path; the memory is
 /// allocated zeroed (calloc), so an idle connection only costs the pages it
 /// has touched.
-pub const TCP_BUFFER: usize = 1 << 20;
+pub const TCP_BUFFER: usize = 256 << 10;
 /// Listening sockets kept ready per listener; the pool is refilled before
 /// every SYN, so a burst never finds the port without a listening socket.
 const LISTEN_POOL: usize = 2;
