@@ -1,5 +1,16 @@
 //! `gstacks`: Operate GlobalStacks: hosts, tokens, sandboxes, networks, the mesh.
 
+mod client;
+mod config;
+mod hosts;
+mod output;
+mod terminal;
+mod tokens;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
 #[derive(clap::Parser, Debug)]
 #[command(
     name = "gstacks",
@@ -7,8 +18,241 @@
     version,
     long_version = proto::build_info::LONG_VERSION
 )]
-struct Args {}
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Save the control plane URL, operator token and certificate (0600).
+    Login {
+        /// e.g. https://127.0.0.1:7443
+        #[arg(long)]
+        url: String,
+        /// Operator token; default: GLOBALSTACKS_API_TOKEN, else one line from stdin.
+        #[arg(long)]
+        token: Option<String>,
+        /// PEM certificate (or CA) the control plane presents.
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    /// Hosts: list, show, logs, revoke, terminal.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Provisioning tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Clusters.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum HostCmd {
+    /// Hosts with status, version, arch, traits, tags and last seen.
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One host in detail.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The host's operational events.
+    Logs {
+        id: String,
+        /// Keep printing new events as they arrive.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N stored events (0 = all).
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke the host's credential: no_token, disconnected, never placed.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Break-glass PTY shell on the host (recorded, time-bound).
+    Terminal {
+        host_id: String,
+        /// Why you need a shell on the host (recorded with your token id).
+        #[arg(long)]
+        reason: String,
+        /// Session limit in seconds (capped by the control plane; 0 = its limit).
+        #[arg(long, default_value_t = 0)]
+        max_duration: u32,
+        /// Run this instead of the login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCmd {
+    /// Create a provisioning token (the secret is shown once).
+    Create {
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Never expires (until revoked).
+        #[arg(long)]
+        long_living: bool,
+        /// Lifetime of a short-lived token in seconds (default 24 h).
+        #[arg(long, conflicts_with = "long_living")]
+        ttl: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token and every host enrolled with it.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ClusterCmd {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
 
 fn main() {
-    let _args: Args = proto::build_info::parse_args();
+    let args: Args = proto::build_info::parse_args();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: starting the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    };
+    // Do not wait for the terminal's stdin thread.
+    std::process::exit(code);
+}
+
+async fn run(args: Args) -> anyhow::Result<i32> {
+    if let Cmd::Login { url, token, ca } = args.command {
+        login(url, token, ca).await?;
+        return Ok(0);
+    }
+    let resolved = config::resolve()?;
+    let mut api = client::connect(&resolved).await?;
+    match args.command {
+        Cmd::Login { .. } => unreachable!("handled above"),
+        Cmd::Host(cmd) => match cmd {
+            HostCmd::List { cluster, json } => hosts::list(&mut api, cluster, json).await?,
+            HostCmd::Show { id, json } => hosts::show(&mut api, id, json).await?,
+            HostCmd::Logs {
+                id,
+                follow,
+                tail,
+                json,
+            } => hosts::logs(&mut api, id, follow, tail, json).await?,
+            HostCmd::Revoke { id, json } => hosts::revoke(&mut api, id, json).await?,
+            HostCmd::Terminal {
+                host_id,
+                reason,
+                max_duration,
+                command,
+            } => {
+                return terminal::run(&mut api, host_id, reason, command, max_duration).await;
+            }
+        },
+        Cmd::Token(cmd) => match cmd {
+            TokenCmd::Create {
+                cluster,
+                description,
+                long_living,
+                ttl,
+                json,
+            } => {
+                tokens::create(
+                    &mut api,
+                    cluster,
+                    description,
+                    long_living,
+                    ttl.unwrap_or(0),
+                    json,
+                )
+                .await?
+            }
+            TokenCmd::List { cluster, json } => tokens::list(&mut api, cluster, json).await?,
+            TokenCmd::Revoke { id, json } => tokens::revoke(&mut api, id, json).await?,
+        },
+        Cmd::Cluster(ClusterCmd::List { json }) => tokens::clusters(&mut api, json).await?,
+    }
+    Ok(0)
+}
+
+/// Checks the URL, token and certificate with a real call, then saves them.
+async fn login(url: String, token: Option<String>, ca: PathBuf) -> anyhow::Result<()> {
+    let token = match token.or_else(|| std::env::var(config::API_TOKEN).ok()) {
+        Some(token) if !token.trim().is_empty() => token.trim().to_owned(),
+        _ => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the operator token from stdin")?;
+            let line = line.trim().to_owned();
+            anyhow::ensure!(
+                !line.is_empty(),
+                "no operator token: give --token, set {}, or type it on stdin",
+                config::API_TOKEN
+            );
+            line
+        }
+    };
+    let ca_pem = config::read_ca_file(&ca)?;
+    let resolved = config::Resolved {
+        url: url.clone(),
+        token: token.clone(),
+        ca_pem: ca_pem.clone(),
+    };
+    let mut api = client::connect(&resolved).await?;
+    api.list_clusters(proto::ListClustersRequest {})
+        .await
+        .map_err(client::status_error)?;
+    let path = config::config_path()?;
+    config::write_file(
+        &path,
+        &config::FileConfig {
+            url: Some(url.clone()),
+            token: Some(token),
+            ca_pem: Some(String::from_utf8(ca_pem).context("CA file is not UTF-8 PEM")?),
+        },
+    )?;
+    println!(
+        "logged in to {url}; saved to {} (mode 0600)",
+        path.display()
+    );
+    Ok(())
 }
