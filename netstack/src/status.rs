@@ -91,7 +91,7 @@ impl fmt::Display for DropReason {
 }
 
 /// Counters of dropped packets, one per [`DropReason`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Drops {
     counts: [u64; DropReason::ALL.len()],
 }
@@ -121,6 +121,14 @@ impl Drops {
         for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
             *mine += theirs;
         }
+    }
+}
+
+impl fmt::Debug for Drops {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|(reason, n)| (reason.as_str(), n)))
+            .finish()
     }
 }
 

@@ -310,8 +310,12 @@ impl Tunnel {
     ) -> Result<Option<&'a [u8]>, DropReason> {
         if self.session_started.is_some() && !self.session_usable(now) {
             // The session is past REJECT_AFTER_TIME: never use it. Start a
-            // handshake; the packet is lost (TCP retransmits it).
-            return Ok(non_empty(self.initiate(now, dst)));
+            // handshake (the timer sends it, once); the packet is lost and
+            // TCP retransmits it.
+            if self.attempt_started.is_none() {
+                self.attempt_due_now(now);
+            }
+            return Err(DropReason::SessionExpired);
         }
         let rekey = self.we_initiated
             && self.attempt_started.is_none()

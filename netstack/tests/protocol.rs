@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use netstack::{DropReason, REKEY_AFTER_TIME};
+use netstack::{DropReason, REJECT_AFTER_TIME, REKEY_AFTER_TIME, REKEY_ATTEMPT_TIME};
 use sha2::{Digest, Sha256};
 use support::{udp_addr, Sim};
 
@@ -355,4 +355,76 @@ fn five_percent_loss_still_delivers_a_tcp_stream_intact() {
         lost > 3000,
         "the stream crossed the lossy link ({lost} datagrams)"
     );
+}
+
+#[test]
+fn the_initiator_rekeys_before_reject_after_time_when_only_receiving() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[1].node.tcp_listen(80).unwrap();
+    let client = sim.connect(0, SocketAddr::new(sim.nodes[1].v4, 80));
+    let server = sim.accept(1, 80);
+    // Only the responder (node 1) sends, every 5 s, for 250 s.
+    let mut buf = [0u8; 64];
+    for i in 0..50u8 {
+        sim.nodes[1].node.tcp_send(server, &[i; 8], None).unwrap();
+        let ok = sim.run_until(Duration::from_secs(5), |s| {
+            s.nodes[0]
+                .node
+                .tcp_recv(client, &mut buf, None)
+                .is_ok_and(|n| n == 8)
+        });
+        assert!(ok, "message {i} lost at {:?}", sim.elapsed());
+        let elapsed = sim.elapsed();
+        sim.run_until(
+            Duration::from_secs(5).saturating_sub(sim.elapsed() - elapsed),
+            |_| false,
+        );
+    }
+    assert!(sim.elapsed() > REJECT_AFTER_TIME + Duration::from_secs(60));
+    assert_eq!(
+        initiations_from(&sim, 1),
+        0,
+        "{:?}",
+        sim.nodes[1].node.status()
+    );
+    assert!(initiations_from(&sim, 0) >= 2);
+    for node in 0..2 {
+        let drops = sim.nodes[node].node.status().total_drops();
+        assert_eq!(drops.total(), 0, "node {node}: {drops:?}");
+    }
+}
+
+#[test]
+fn a_vanished_peer_is_retried_within_limits_and_a_restarted_one_recovers() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    udp_exchange(&mut sim, 0, 1, 4000, b"before");
+    // Node 1 crashes.
+    sim.nodes[1].down = true;
+    let sa = sim.nodes[0].node.udp_bind(4001).unwrap();
+    let dst = SocketAddr::new(sim.nodes[1].v4, 4001);
+    sim.nodes[0]
+        .node
+        .udp_send_to(sa, b"anyone?", dst, None)
+        .unwrap();
+    let inits_before = initiations_from(&sim, 0);
+    sim.run_for(Duration::from_secs(300));
+    let retries = initiations_from(&sim, 0) - inits_before;
+    // After 15 s of silence a handshake, retried every 5-5.33 s, given up
+    // after REKEY_ATTEMPT_TIME: then quiet.
+    let max = (REKEY_ATTEMPT_TIME.as_secs() / 5 + 1) as usize;
+    assert!((10..=max).contains(&retries), "{retries} initiations");
+    let quiet_since = sim.log.len();
+    sim.run_for(Duration::from_secs(300));
+    assert_eq!(
+        sim.log.len(),
+        quiet_since,
+        "no traffic once the handshake gave up"
+    );
+
+    // Node 1 comes back with no state; new traffic brings the session back.
+    sim.restart(1);
+    udp_exchange(&mut sim, 0, 1, 4002, b"after restart");
+    udp_exchange(&mut sim, 1, 0, 4003, b"and back");
 }

@@ -20,6 +20,8 @@ pub struct SimNode {
     pub udp: SocketAddr,
     pub v4: IpAddr,
     pub v6: IpAddr,
+    /// A node that is down neither runs nor receives.
+    pub down: bool,
 }
 
 /// A datagram on the wire.
@@ -78,6 +80,7 @@ impl Sim {
                     udp: udp_addr(n),
                     v4: v4(n),
                     v6: v6(n),
+                    down: false,
                 }
             })
             .collect();
@@ -137,12 +140,15 @@ impl Sim {
         // Deliver what has arrived.
         while self.in_flight.front().is_some_and(|d| d.at <= now) {
             let d = self.in_flight.pop_front().unwrap();
-            if let Some(node) = self.nodes.iter_mut().find(|n| n.udp == d.to) {
+            if let Some(node) = self.nodes.iter_mut().find(|n| n.udp == d.to && !n.down) {
                 node.node.handle_udp(now, d.from, &d.bytes);
             }
             progress = true;
         }
         for i in 0..self.nodes.len() {
+            if self.nodes[i].down {
+                continue;
+            }
             self.nodes[i].node.handle_timeout(now);
             while let Some(t) = self.nodes[i].node.poll_transmit() {
                 progress = true;
@@ -164,7 +170,7 @@ impl Sim {
 
     fn next_event(&mut self) -> Option<Instant> {
         let mut next = self.in_flight.front().map(|d| d.at);
-        for n in &mut self.nodes {
+        for n in self.nodes.iter_mut().filter(|n| !n.down) {
             if let Some(t) = n.node.poll_timeout() {
                 next = Some(next.map_or(t, |x: Instant| x.min(t)));
             }
@@ -212,6 +218,18 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Restart node `i` from scratch (same key and peers, no state), as
+    /// after a crash.
+    pub fn restart(&mut self, i: usize) {
+        let peers = (0..self.nodes.len())
+            .filter(|j| *j != i)
+            .map(|j| self.peer_of(j))
+            .collect();
+        let n = &self.nodes[i];
+        self.nodes[i].node = Node::new(n.key.clone(), &[n.v4, n.v6], peers, self.now).unwrap();
+        self.nodes[i].down = false;
     }
 
     /// Advance the virtual clock by `d`, running everything due meanwhile.
