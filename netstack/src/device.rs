@@ -23,10 +23,10 @@ pub(crate) struct IpQueue {
 }
 
 impl IpQueue {
-    pub(crate) fn buffer(&mut self) -> Vec<u8> {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf
+    /// A buffer of exactly `len` bytes (contents unspecified), reusing a
+    /// spare one: only bytes it never had are zeroed.
+    pub(crate) fn buffer(&mut self, len: usize) -> Vec<u8> {
+        sized(self.spare.pop().unwrap_or_default(), len)
     }
 
     pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
@@ -34,6 +34,15 @@ impl IpQueue {
             self.spare.push(buf);
         }
     }
+}
+
+fn sized(mut buf: Vec<u8>, len: usize) -> Vec<u8> {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    } else {
+        buf.truncate(len);
+    }
+    buf
 }
 
 pub(crate) struct RxToken(Vec<u8>);
@@ -57,9 +66,7 @@ impl phy::TxToken for TxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let mut buf = self.spare.pop().unwrap_or_default();
-        buf.clear();
-        buf.resize(len, 0);
+        let mut buf = sized(self.spare.pop().unwrap_or_default(), len);
         let result = f(&mut buf);
         self.tx.push_back(buf);
         result

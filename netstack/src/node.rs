@@ -353,7 +353,10 @@ impl Node {
             return self.drops.add(DropReason::UnknownIndex);
         };
         let kind = bytes[0];
-        let received = peer.tunnel.decapsulate(now, from.ip(), bytes, scratch);
+        // Decrypt straight into a packet buffer for the stack (plaintext is
+        // never longer than the datagram).
+        let mut plain = self.device.buffer(bytes.len().max(tunnel::MIN_DST));
+        let received = peer.tunnel.decapsulate(now, from.ip(), bytes, &mut plain);
         if received.authenticated(kind) && peer.endpoint != Some(from) {
             // Roaming: follow the peer to where its authenticated packets come from.
             tracing::debug!(peer = %peer.config.public_key, %from, "peer endpoint changed");
@@ -369,9 +372,9 @@ impl Node {
                         peer.drops.add(DropReason::QueueFull)
                     }
                     Ok(()) => {
-                        let mut buf = self.device.buffer();
-                        buf.extend_from_slice(packet);
-                        self.device.rx.push_back(buf);
+                        let len = packet.len();
+                        plain.truncate(len);
+                        self.device.rx.push_back(std::mem::take(&mut plain));
                     }
                 }
             }
@@ -384,6 +387,9 @@ impl Node {
             }
             Received::Nothing => {}
             Received::Dropped(reason) => peer.drops.add(reason),
+        }
+        if plain.capacity() > 0 {
+            self.device.recycle(plain);
         }
         if flush {
             // A handshake completed: send what boringtun queued meanwhile.
@@ -453,7 +459,6 @@ impl Node {
     }
 
     fn encrypt_outgoing(&mut self, now: Instant) {
-        let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(packet) = self.device.tx.pop_front() {
             let Some(dst) = inner_destination(&packet) else {
                 self.drops.add(DropReason::BadInnerPacket);
@@ -470,21 +475,27 @@ impl Node {
                 self.device.recycle(packet);
                 continue;
             };
-            match peer.tunnel.encapsulate(now, &packet, &mut scratch) {
+            // Encrypt straight into the datagram buffer.
+            let mut contents = self
+                .device
+                .buffer((packet.len() + tunnel::WG_OVERHEAD).max(tunnel::MIN_DST));
+            match peer.tunnel.encapsulate(now, &packet, &mut contents) {
                 Ok(Some(out)) => {
-                    let mut contents = self.device.buffer();
-                    contents.extend_from_slice(out);
+                    let len = out.len();
+                    contents.truncate(len);
                     self.transmits.push_back(Transmit {
                         destination,
                         contents,
                     });
                 }
-                Ok(None) => {}
-                Err(reason) => peer.drops.add(reason),
+                Ok(None) => self.device.recycle(contents),
+                Err(reason) => {
+                    peer.drops.add(reason);
+                    self.device.recycle(contents);
+                }
             }
             self.device.recycle(packet);
         }
-        self.scratch = scratch;
     }
 
     fn run_timers(&mut self, now: Instant) {

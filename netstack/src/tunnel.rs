@@ -39,8 +39,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// counted twice (once by the node to find the peer, once by the tunnel).
 pub(crate) const HANDSHAKE_RATE_LIMIT: u64 = 200;
 
-/// Room for the largest message boringtun writes for one inner packet.
+/// Bytes a transport message adds to its inner packet.
 pub(crate) const WG_OVERHEAD: usize = 32;
+/// The smallest output buffer boringtun accepts (a handshake initiation).
+pub(crate) const MIN_DST: usize = 148;
 
 const MSG_INIT: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
