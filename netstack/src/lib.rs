@@ -23,7 +23,7 @@ mod wire_socket;
 use std::net::{IpAddr, SocketAddr};
 
 pub use device::MTU;
-pub use driver::{MeshNode, TcpListener, TcpStream, UdpSocket};
+pub use driver::{MeshNode, TcpListener, TcpStream, UdpSocket, CONNECT_TIMEOUT};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use node::{
     ConnectState, Node, NodeConfig, PeerConfig, SocketId, Transmit, ACCEPT_BACKLOG, TCP_BUFFER,
