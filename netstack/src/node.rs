@@ -37,6 +37,24 @@ use crate::NetstackError;
 /// allocated zeroed (calloc), so an idle connection only costs the pages it
 /// has touched.
 pub const TCP_BUFFER: usize = 256 << 10;
+/// Size of the allocation behind each TCP buffer. glibc serves requests
+/// above its largest dynamic mmap threshold (32 MiB on 64-bit) with a fresh
+/// `mmap` every time and unmaps them on free. A buffer carved from such an
+/// allocation costs only the pages the connection has touched, even after
+/// connections come and go. Smaller requests are recycled from the heap by
+/// `calloc`, which zeroes (touches) the whole buffer again: measured here,
+/// 8,000 sockets opened after a churn of 2,000 held 1.1 GiB resident.
+/// The unused part is address space only.
+const TCP_BUFFER_ALLOCATION: usize = 33 << 20;
+
+/// A zeroed buffer of `len` bytes whose pages become resident only when
+/// written (see [`TCP_BUFFER_ALLOCATION`]).
+fn lazily_zeroed(len: usize) -> Vec<u8> {
+    let mut buffer = vec![0u8; TCP_BUFFER_ALLOCATION.max(len)];
+    buffer.truncate(len);
+    buffer
+}
+
 /// Listening sockets kept ready per listener; the pool is refilled before
 /// every SYN, so a burst never finds the port without a listening socket.
 const LISTEN_POOL: usize = 2;
@@ -573,8 +591,8 @@ impl Node {
 
     fn new_tcp_socket() -> tcp::Socket<'static> {
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
-            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+            tcp::SocketBuffer::new(lazily_zeroed(TCP_BUFFER)),
+            tcp::SocketBuffer::new(lazily_zeroed(TCP_BUFFER)),
         );
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
