@@ -375,12 +375,17 @@ impl Node {
         // never longer than the datagram).
         let mut plain = self.device.buffer(bytes.len().max(tunnel::MIN_DST));
         let received = peer.tunnel.decapsulate(now, from.ip(), bytes, &mut plain);
+        // boringtun holds packets queued while it had no session. Once a
+        // session is usable for sending (we completed a handshake as
+        // initiator, or, as responder, the initiator's first transport
+        // message arrived), send them. Not after merely answering an
+        // initiation: boringtun would start a handshake of its own.
+        let flush = received.authenticated(kind) && (kind == 2 || kind == 4);
         if received.authenticated(kind) && peer.endpoint != Some(from) {
             // Roaming: follow the peer to where its authenticated packets come from.
             tracing::debug!(peer = %peer.config.public_key, %from, "peer endpoint changed");
             peer.endpoint = Some(from);
         }
-        let mut flush = false;
         match received {
             Received::Ip(packet) => {
                 let verdict = check_inner(packet, &peer.config.allowed_ips, &self.addresses);
@@ -397,7 +402,6 @@ impl Node {
                 }
             }
             Received::Reply(reply) => {
-                flush = true;
                 self.transmits.push_back(Transmit {
                     destination: from,
                     contents: reply.to_vec(),
@@ -410,7 +414,6 @@ impl Node {
             self.device.recycle(plain);
         }
         if flush {
-            // A handshake completed: send what boringtun queued meanwhile.
             if let Some(destination) = peer.endpoint {
                 while let Some(out) = peer.tunnel.flush_queued(now, scratch) {
                     self.transmits.push_back(Transmit {

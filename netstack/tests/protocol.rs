@@ -428,3 +428,50 @@ fn a_vanished_peer_is_retried_within_limits_and_a_restarted_one_recovers() {
     udp_exchange(&mut sim, 0, 1, 4002, b"after restart");
     udp_exchange(&mut sim, 1, 0, 4003, b"and back");
 }
+
+#[test]
+fn simultaneous_initiations_converge() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    let s0 = sim.nodes[0].node.udp_bind(3000).unwrap();
+    let s1 = sim.nodes[1].node.udp_bind(3000).unwrap();
+    let (v0, v1) = (sim.nodes[0].v4, sim.nodes[1].v4);
+    // Both send before either has a session: the initiations cross.
+    sim.nodes[0]
+        .node
+        .udp_send_to(s0, b"from 0", SocketAddr::new(v1, 3000), None)
+        .unwrap();
+    sim.nodes[1]
+        .node
+        .udp_send_to(s1, b"from 1", SocketAddr::new(v0, 3000), None)
+        .unwrap();
+    let mut got = [false, false];
+    let ok = sim.run_until(Duration::from_secs(30), |s| {
+        let mut buf = [0u8; 64];
+        for (i, sock) in [(0, s0), (1, s1)] {
+            if s.nodes[i].node.udp_recv_from(sock, &mut buf, None).is_ok() {
+                got[i] = true;
+            }
+        }
+        got == [true, true]
+    });
+    assert!(ok, "crossing handshakes did not converge: {got:?}");
+    assert!(initiations_from(&sim, 0) >= 1 && initiations_from(&sim, 1) >= 1);
+    // And the tunnel keeps working both ways afterwards.
+    udp_exchange(&mut sim, 0, 1, 3001, b"later");
+    udp_exchange(&mut sim, 1, 0, 3002, b"later back");
+    let count = initiations_from(&sim, 0) + initiations_from(&sim, 1);
+    let log: Vec<_> = sim
+        .log
+        .iter()
+        .map(|d| {
+            (
+                d.from.ip().to_string(),
+                d.kind(),
+                d.bytes.len(),
+                (d.at - sim.start).as_millis(),
+            )
+        })
+        .collect();
+    assert!(count <= 3, "{count} initiations: {log:?}");
+}
