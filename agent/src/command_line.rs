@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::config::{self, ConfigSource};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, AgentConfig, ConfigSource};
 use crate::error::AgentError;
 use crate::lock;
 
@@ -26,6 +28,12 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
+    /// Enroll (first start), then keep the control stream to the control
+    /// plane. Configured by GLOBALSTACKS_CONTROL_URL,
+    /// GLOBALSTACKS_PROVISIONING_TOKEN, GLOBALSTACKS_STATE_DIR, AGENT_TRAITS,
+    /// AGENT_TAGS, GLOBALSTACKS_CA_CERT, GLOBALSTACKS_AGENT_HEARTBEAT_MS and
+    /// GLOBALSTACKS_AGENT_DISABLE_HOST_TERMINAL. Exits 78 when revoked.
+    Run,
     /// Host-local service operations.
     Service {
         #[command(subcommand)]
@@ -68,6 +76,29 @@ pub fn main(args: Args) -> ExitCode {
 fn dispatch(args: Args) -> Result<ExitCode, AgentError> {
     let source = ConfigSource::load(args.config.as_deref())?;
     match args.command {
+        Command::Run => {
+            let config = AgentConfig::from_source(&source)?;
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| AgentError::io("starting the runtime", "/", e))?;
+            let code = runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match crate::run::run(config, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err @ AgentError::Revoked { .. }) => {
+                        tracing::error!("{err}");
+                        ExitCode::from(crate::run::EXIT_REVOKED)
+                    }
+                    Err(err) => {
+                        tracing::error!("{err}");
+                        ExitCode::FAILURE
+                    }
+                }
+            });
+            // Do not wait for blocked tasks (a PTY read) to finish.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            Ok(code)
+        }
         Command::Service {
             command: ServiceCommand::Lock { command },
         } => {
@@ -92,6 +123,22 @@ fn dispatch(args: Args) -> Result<ExitCode, AgentError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop the agent with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

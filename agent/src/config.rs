@@ -24,8 +24,9 @@ pub const TRAITS: &str = "AGENT_TRAITS";
 pub const TAGS: &str = "AGENT_TAGS";
 pub const DISABLE_HOST_TERMINAL: &str = "GLOBALSTACKS_AGENT_DISABLE_HOST_TERMINAL";
 pub const HEARTBEAT_MS: &str = "GLOBALSTACKS_AGENT_HEARTBEAT_MS";
-pub const CONTROL_CA_FILE: &str = "GLOBALSTACKS_CONTROL_CA_FILE";
-pub const CONTROL_FINGERPRINT: &str = "GLOBALSTACKS_CONTROL_FINGERPRINT";
+/// PEM the agent trusts for an `https` control URL (the control plane's CA or
+/// its `--dev` self-signed certificate). Unset: the system CA bundle.
+pub const CA_CERT: &str = "GLOBALSTACKS_CA_CERT";
 pub const MESH_DNS_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_DNS_ADDR";
 pub const MESH_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_PROXY_BIND";
 
@@ -38,8 +39,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     TAGS,
     DISABLE_HOST_TERMINAL,
     HEARTBEAT_MS,
-    CONTROL_CA_FILE,
-    CONTROL_FINGERPRINT,
+    CA_CERT,
     MESH_DNS_ADDR,
     MESH_PROXY_BIND,
 ];
@@ -67,15 +67,6 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
-}
-
-/// How the agent trusts the control plane's certificate on `https` URLs.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TlsTrust {
-    /// PEM file with the CA certificate(s) (or the server's self-signed one).
-    pub ca_file: Option<PathBuf>,
-    /// SHA-256 of the server certificate (DER), pinned instead of a CA.
-    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// The merged key/value view of the environment and the config file.
@@ -193,7 +184,8 @@ pub struct AgentConfig {
     pub tags: Vec<String>,
     pub disable_host_terminal: bool,
     pub heartbeat_interval: Duration,
-    pub tls: TlsTrust,
+    /// PEM file trusted for `https` (GLOBALSTACKS_CA_CERT).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -205,25 +197,11 @@ impl AgentConfig {
                 "is required (e.g. https://control.example:7443)",
             )
         })?)?;
-        let tls = TlsTrust {
-            ca_file: source.get(CONTROL_CA_FILE).map(PathBuf::from),
-            fingerprint: source
-                .get(CONTROL_FINGERPRINT)
-                .map(parse_fingerprint)
-                .transpose()?,
-        };
-        if tls.ca_file.is_some() && tls.fingerprint.is_some() {
-            return Err(AgentError::config(
-                CONTROL_FINGERPRINT,
-                format!("set either {CONTROL_CA_FILE} or {CONTROL_FINGERPRINT}, not both"),
-            ));
-        }
-        if control_url.scheme_str() == Some("http")
-            && (tls.ca_file.is_some() || tls.fingerprint.is_some())
-        {
+        let ca_cert = source.get(CA_CERT).map(PathBuf::from);
+        if control_url.scheme_str() == Some("http") && ca_cert.is_some() {
             return Err(AgentError::config(
                 CONTROL_URL,
-                "is http:// but TLS trust is configured; use https://",
+                format!("is http:// but {CA_CERT} is set; use https://"),
             ));
         }
         let heartbeat_interval = match source.get(HEARTBEAT_MS) {
@@ -255,7 +233,7 @@ impl AgentConfig {
                 Some(v) => parse_bool(DISABLE_HOST_TERMINAL, v)?,
             },
             heartbeat_interval,
-            tls,
+            ca_cert,
         })
     }
 }
@@ -294,32 +272,6 @@ fn parse_control_url(value: &str) -> Result<http::Uri, AgentError> {
         ));
     }
     Ok(uri)
-}
-
-/// `sha256:` prefix optional, hex with or without `:` separators.
-pub fn parse_fingerprint(value: &str) -> Result<[u8; 32], AgentError> {
-    let hex_text: String = value
-        .trim()
-        .trim_start_matches("sha256:")
-        .trim_start_matches("SHA256:")
-        .chars()
-        .filter(|c| *c != ':')
-        .collect();
-    let bytes = hex::decode(&hex_text).map_err(|e| {
-        AgentError::config(
-            CONTROL_FINGERPRINT,
-            format!("`{value}` is not a hex SHA-256 fingerprint: {e}"),
-        )
-    })?;
-    bytes.try_into().map_err(|b: Vec<u8>| {
-        AgentError::config(
-            CONTROL_FINGERPRINT,
-            format!(
-                "expected 32 bytes (64 hex digits) of SHA-256, got {}",
-                b.len()
-            ),
-        )
-    })
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, AgentError> {
@@ -412,7 +364,6 @@ mod tests {
             (HEARTBEAT_MS, "1"),
             (TRAITS, "public ingress"),
             (TAGS, "ok,bad!"),
-            (CONTROL_FINGERPRINT, "abcd"),
         ] {
             let mut pairs = vec![(CONTROL_URL, "https://c:1")];
             pairs.retain(|(k, _)| *k != key);
@@ -477,19 +428,20 @@ mod tests {
     }
 
     #[test]
-    fn fingerprint_accepts_common_spellings() {
-        let hex64 = "ab".repeat(32);
-        let colons = vec!["AB"; 32].join(":");
-        for v in [hex64.clone(), format!("sha256:{hex64}"), colons] {
-            assert_eq!(parse_fingerprint(&v).unwrap(), [0xab; 32], "{v}");
-        }
-        let c = config(
+    fn ca_cert_needs_https() {
+        let err = config(
             None,
-            &[(CONTROL_URL, "http://c:1"), (CONTROL_FINGERPRINT, &hex64)],
+            &[(CONTROL_URL, "http://c:1"), (CA_CERT, "/etc/ca.pem")],
         )
         .unwrap_err()
         .to_string();
-        assert!(c.contains("https"), "{c}");
+        assert!(err.contains("https"), "{err}");
+        let c = config(
+            None,
+            &[(CONTROL_URL, "https://c:1"), (CA_CERT, "/etc/ca.pem")],
+        )
+        .unwrap();
+        assert_eq!(c.ca_cert, Some(PathBuf::from("/etc/ca.pem")));
     }
 
     #[test]

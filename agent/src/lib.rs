@@ -5,12 +5,21 @@
 //! - [`state`]: the state dir and its 0600 credential file.
 //! - [`lock`]: the flock-held service lock (`service lock status/clear`).
 //! - [`telemetry`]: the facts a host reports (version, arch, traits, tags).
+//! - [`control_stream`]: enrollment and the ONE control-stream client.
+//! - [`dispatch`]: command kinds, the module registry, typed replies.
+//! - [`terminal`]: the break-glass host terminal module.
+//! - [`run`]: `gstacks-agent run`, tying the above together.
 
+pub mod backoff;
 pub mod command_line;
 pub mod config;
+pub mod control_stream;
+pub mod dispatch;
 pub mod error;
 pub mod lock;
+pub mod run;
 pub mod state;
 pub mod telemetry;
+pub mod terminal;
 
 pub use error::AgentError;

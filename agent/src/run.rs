@@ -1,0 +1,112 @@
+//! `gstacks-agent run`: take the service lock, enroll (first start only),
+//! then serve the control stream with the agent's modules until shutdown.
+//!
+//! Exit: 0 on SIGINT/SIGTERM; [`EXIT_REVOKED`] (78, `EX_CONFIG`) when the
+//! control plane refuses the host's credential, so that a service manager
+//! can stop restarting it (`RestartPreventExitStatus=78` in systemd); 1 on
+//! any other error (bad config, lock held, enrollment refused).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::Telemetry;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::control_stream::{
+    ensure_enrolled, ClientOptions, ControlClient, ControlEndpoint, TelemetrySource,
+};
+use crate::dispatch::{CommandKind, Concurrency, DispatcherBuilder, PingModule};
+use crate::error::AgentError;
+use crate::lock::ServiceLock;
+use crate::state;
+use crate::{telemetry, terminal};
+
+/// Exit status after revocation.
+pub const EXIT_REVOKED: u8 = 78;
+
+/// The host's own telemetry, Docker re-probed on every call.
+pub struct HostTelemetry {
+    traits: Vec<String>,
+    tags: Vec<String>,
+}
+
+impl HostTelemetry {
+    pub fn new(traits: Vec<String>, tags: Vec<String>) -> Self {
+        Self { traits, tags }
+    }
+}
+
+impl TelemetrySource for HostTelemetry {
+    fn current(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Telemetry> + Send + '_>> {
+        Box::pin(async move {
+            let docker = telemetry::docker_reachable(Duration::from_secs(2)).await;
+            telemetry::collect(&self.traits, &self.tags, docker)
+        })
+    }
+}
+
+/// The modules of this agent and the command kinds they own.
+pub fn modules(config: &AgentConfig) -> DispatcherBuilder {
+    DispatcherBuilder::new()
+        .register(
+            Arc::new(PingModule),
+            &[CommandKind::Ping],
+            Concurrency::Sequential,
+        )
+        .register(
+            terminal::HostTerminal::new(config.disable_host_terminal),
+            terminal::KINDS,
+            Concurrency::Sequential,
+        )
+}
+
+/// Runs the agent until `shutdown` is cancelled or the host is revoked.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let lock = ServiceLock::acquire(&config.state_dir)?;
+    tracing::debug!(path = %lock.path().display(), "service lock taken");
+    let endpoint = ControlEndpoint::new(&config.control_url, config.ca_cert.as_deref())?;
+    let host = HostTelemetry::new(config.traits.clone(), config.tags.clone());
+    let facts = host.current().await;
+    tracing::info!(
+        version = %facts.agent_version,
+        commit = %facts.agent_commit,
+        arch = %facts.arch,
+        traits = ?facts.traits,
+        tags = ?facts.tags,
+        control_url = %endpoint.url(),
+        "gstacks-agent starting"
+    );
+    let enrolled_before = state::load_credential(&config.state_dir)?.is_some();
+    if enrolled_before && config.provisioning_token.is_some() {
+        tracing::info!(
+            "this host is already enrolled; GLOBALSTACKS_PROVISIONING_TOKEN is not used"
+        );
+    }
+    let Some(credential) = ensure_enrolled(
+        &endpoint,
+        &config.state_dir,
+        config.provisioning_token.as_ref(),
+        facts,
+        &shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let client = ControlClient::new(
+        endpoint,
+        &config.state_dir,
+        ClientOptions {
+            heartbeat_interval: config.heartbeat_interval,
+            ..ClientOptions::default()
+        },
+    );
+    let result = client
+        .run(&credential, modules(&config), &host, shutdown)
+        .await;
+    drop(lock);
+    result
+}
