@@ -28,7 +28,7 @@ use proto::{
     agent_message, command, command_result, reply, AgentMessage, Command, CommandResult, ErrorCode,
     Event, EventLevel, Reply,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 /// The kinds of commands, one per case of the `Command.kind` oneof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +112,9 @@ pub enum Concurrency {
 #[derive(Clone, Debug)]
 pub struct Link {
     outbox: mpsc::Sender<AgentMessage>,
+    /// Set on the link a handler gets: flips to true once the reply to its
+    /// command is queued.
+    replied: Option<watch::Receiver<bool>>,
 }
 
 /// The control-stream client is gone (the agent is shutting down).
@@ -123,7 +126,24 @@ impl Link {
     /// A link and the receiving end that the client (or a test) drains.
     pub fn channel(capacity: usize) -> (Link, mpsc::Receiver<AgentMessage>) {
         let (outbox, rx) = mpsc::channel(capacity);
-        (Link { outbox }, rx)
+        (
+            Link {
+                outbox,
+                replied: None,
+            },
+            rx,
+        )
+    }
+
+    /// Resolves once the reply to the command this link was handed with is
+    /// queued, so that a module's streamed events (terminal output) never
+    /// overtake the reply that announces them. Resolves at once on a link
+    /// that belongs to no command, and if the reply is never sent.
+    pub async fn reply_sent(&self) {
+        if let Some(replied) = &self.replied {
+            let mut replied = replied.clone();
+            let _ = replied.wait_for(|sent| *sent).await;
+        }
     }
 
     /// Sends an event, waiting while the outbox is full.
@@ -347,7 +367,12 @@ async fn run_command(module: Arc<dyn Module>, command: Command, link: Link) {
     let deadline =
         (command.deadline_ms > 0).then(|| Duration::from_millis(u64::from(command.deadline_ms)));
     let name = module.name();
-    let mut task = tokio::spawn(module.handle(command, link.clone()));
+    let (replied_tx, replied_rx) = watch::channel(false);
+    let handler_link = Link {
+        outbox: link.outbox.clone(),
+        replied: Some(replied_rx),
+    };
+    let mut task = tokio::spawn(module.handle(command, handler_link));
     let joined = match deadline {
         None => (&mut task).await,
         Some(d) => match tokio::time::timeout(d, &mut task).await {
@@ -407,6 +432,7 @@ async fn run_command(module: Arc<dyn Module>, command: Command, link: Link) {
             outcome: Some(outcome),
         })
         .await;
+    replied_tx.send_replace(true);
 }
 
 /// The built-in `ping` module: answers `Pong` with the same payload, so the

@@ -167,6 +167,8 @@ impl HostTerminal {
         let module = self.clone();
         tokio::spawn(async move {
             let id = session.id.clone();
+            // Output follows the TerminalOpened reply, never precedes it.
+            session.link.reply_sent().await;
             session.run(child, pty, input_rx, resize_rx, close).await;
             module.sessions().remove(&id);
         });
@@ -429,6 +431,7 @@ mod tests {
         output: Vec<u8>,
         exit: Option<TerminalExit>,
         kinds: Vec<String>,
+        output_before_reply: bool,
     }
 
     async fn collect_until_exit(rx: &mut mpsc::Receiver<AgentMessage>) -> Seen {
@@ -444,7 +447,10 @@ mod tests {
                 Some(agent_message::Body::Event(e)) => {
                     seen.kinds.push(e.kind.clone());
                     match e.payload {
-                        Some(event::Payload::TerminalOutput(o)) => seen.output.extend(o.data),
+                        Some(event::Payload::TerminalOutput(o)) => {
+                            seen.output_before_reply |= seen.replies.is_empty();
+                            seen.output.extend(o.data)
+                        }
                         Some(event::Payload::TerminalExit(x)) => seen.exit = Some(x),
                         None => {}
                     }
@@ -481,6 +487,10 @@ mod tests {
             Some(reply::Outcome::Result(_))
         ));
         assert_eq!(seen.kinds[0], "terminal.opened");
+        assert!(
+            !seen.output_before_reply,
+            "output overtook the TerminalOpened reply"
+        );
     }
 
     #[tokio::test]
