@@ -31,7 +31,8 @@ pub enum Command {
     /// Enroll (first start), then keep the control stream to the control
     /// plane. Configured by GLOBALSTACKS_CONTROL_URL,
     /// GLOBALSTACKS_PROVISIONING_TOKEN, GLOBALSTACKS_STATE_DIR, AGENT_TRAITS,
-    /// AGENT_TAGS, GLOBALSTACKS_CA_CERT, GLOBALSTACKS_AGENT_HEARTBEAT_MS and
+    /// AGENT_TAGS, GLOBALSTACKS_CONTROL_CA_FILE or GLOBALSTACKS_CONTROL_FINGERPRINT,
+    /// GLOBALSTACKS_AGENT_HEARTBEAT_MS and
     /// GLOBALSTACKS_AGENT_DISABLE_HOST_TERMINAL. Exits 78 when revoked.
     Run,
     /// Host-local service operations.

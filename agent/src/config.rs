@@ -26,7 +26,9 @@ pub const DISABLE_HOST_TERMINAL: &str = "GLOBALSTACKS_AGENT_DISABLE_HOST_TERMINA
 pub const HEARTBEAT_MS: &str = "GLOBALSTACKS_AGENT_HEARTBEAT_MS";
 /// PEM the agent trusts for an `https` control URL (the control plane's CA or
 /// its `--dev` self-signed certificate). Unset: the system CA bundle.
-pub const CA_CERT: &str = "GLOBALSTACKS_CA_CERT";
+pub const CONTROL_CA_FILE: &str = "GLOBALSTACKS_CONTROL_CA_FILE";
+/// SHA-256 of the control plane's certificate, pinned instead of a CA.
+pub const CONTROL_FINGERPRINT: &str = "GLOBALSTACKS_CONTROL_FINGERPRINT";
 pub const MESH_DNS_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_DNS_ADDR";
 pub const MESH_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_PROXY_BIND";
 
@@ -39,7 +41,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     TAGS,
     DISABLE_HOST_TERMINAL,
     HEARTBEAT_MS,
-    CA_CERT,
+    CONTROL_CA_FILE,
+    CONTROL_FINGERPRINT,
     MESH_DNS_ADDR,
     MESH_PROXY_BIND,
 ];
@@ -67,6 +70,15 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
     }
+}
+
+/// How the agent trusts the control plane's certificate on `https` URLs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsTrust {
+    /// PEM file with the CA certificate(s) (or the server's self-signed one).
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the server certificate (DER), pinned instead of a CA.
+    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// The merged key/value view of the environment and the config file.
@@ -184,8 +196,8 @@ pub struct AgentConfig {
     pub tags: Vec<String>,
     pub disable_host_terminal: bool,
     pub heartbeat_interval: Duration,
-    /// PEM file trusted for `https` (GLOBALSTACKS_CA_CERT).
-    pub ca_cert: Option<PathBuf>,
+    /// How `https` is verified.
+    pub tls: TlsTrust,
 }
 
 impl AgentConfig {
@@ -197,11 +209,25 @@ impl AgentConfig {
                 "is required (e.g. https://control.example:7443)",
             )
         })?)?;
-        let ca_cert = source.get(CA_CERT).map(PathBuf::from);
-        if control_url.scheme_str() == Some("http") && ca_cert.is_some() {
+        let tls = TlsTrust {
+            ca_file: source.get(CONTROL_CA_FILE).map(PathBuf::from),
+            fingerprint: source
+                .get(CONTROL_FINGERPRINT)
+                .map(parse_fingerprint)
+                .transpose()?,
+        };
+        if tls.ca_file.is_some() && tls.fingerprint.is_some() {
+            return Err(AgentError::config(
+                CONTROL_FINGERPRINT,
+                format!("set either {CONTROL_CA_FILE} or {CONTROL_FINGERPRINT}, not both"),
+            ));
+        }
+        if control_url.scheme_str() == Some("http")
+            && (tls.ca_file.is_some() || tls.fingerprint.is_some())
+        {
             return Err(AgentError::config(
                 CONTROL_URL,
-                format!("is http:// but {CA_CERT} is set; use https://"),
+                "is http:// but TLS trust is configured; use https://",
             ));
         }
         let heartbeat_interval = match source.get(HEARTBEAT_MS) {
@@ -233,7 +259,7 @@ impl AgentConfig {
                 Some(v) => parse_bool(DISABLE_HOST_TERMINAL, v)?,
             },
             heartbeat_interval,
-            ca_cert,
+            tls,
         })
     }
 }
@@ -272,6 +298,32 @@ fn parse_control_url(value: &str) -> Result<http::Uri, AgentError> {
         ));
     }
     Ok(uri)
+}
+
+/// `sha256:` prefix optional, hex with or without `:` separators.
+pub fn parse_fingerprint(value: &str) -> Result<[u8; 32], AgentError> {
+    let hex_text: String = value
+        .trim()
+        .trim_start_matches("sha256:")
+        .trim_start_matches("SHA256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    let bytes = hex::decode(&hex_text).map_err(|e| {
+        AgentError::config(
+            CONTROL_FINGERPRINT,
+            format!("`{value}` is not a hex SHA-256 fingerprint: {e}"),
+        )
+    })?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        AgentError::config(
+            CONTROL_FINGERPRINT,
+            format!(
+                "expected 32 bytes (64 hex digits) of SHA-256, got {}",
+                b.len()
+            ),
+        )
+    })
 }
 
 fn parse_bool(key: &str, value: &str) -> Result<bool, AgentError> {
@@ -364,6 +416,7 @@ mod tests {
             (HEARTBEAT_MS, "1"),
             (TRAITS, "public ingress"),
             (TAGS, "ok,bad!"),
+            (CONTROL_FINGERPRINT, "abcd"),
         ] {
             let mut pairs = vec![(CONTROL_URL, "https://c:1")];
             pairs.retain(|(k, _)| *k != key);
@@ -428,20 +481,41 @@ mod tests {
     }
 
     #[test]
-    fn ca_cert_needs_https() {
-        let err = config(
+    fn fingerprint_accepts_common_spellings() {
+        let hex64 = "ab".repeat(32);
+        let colons = vec!["AB"; 32].join(":");
+        for v in [hex64.clone(), format!("sha256:{hex64}"), colons] {
+            assert_eq!(parse_fingerprint(&v).unwrap(), [0xab; 32], "{v}");
+        }
+        let c = config(
             None,
-            &[(CONTROL_URL, "http://c:1"), (CA_CERT, "/etc/ca.pem")],
+            &[(CONTROL_URL, "http://c:1"), (CONTROL_FINGERPRINT, &hex64)],
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("https"), "{err}");
+        assert!(c.contains("https"), "{c}");
+    }
+
+    #[test]
+    fn ca_file_and_fingerprint_exclude_each_other() {
+        let hex64 = "cd".repeat(32);
+        let err = config(
+            None,
+            &[
+                (CONTROL_URL, "https://c:1"),
+                (CONTROL_CA_FILE, "/ca.pem"),
+                (CONTROL_FINGERPRINT, &hex64),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
         let c = config(
             None,
-            &[(CONTROL_URL, "https://c:1"), (CA_CERT, "/etc/ca.pem")],
+            &[(CONTROL_URL, "https://c:1"), (CONTROL_CA_FILE, "/ca.pem")],
         )
         .unwrap();
-        assert_eq!(c.ca_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.tls.ca_file, Some(PathBuf::from("/ca.pem")));
     }
 
     #[test]

@@ -33,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::backoff::Backoff;
-use crate::config::{Secret, CA_CERT};
+use crate::config::{Secret, TlsTrust, CONTROL_CA_FILE};
 use crate::dispatch::{event, Dispatcher, DispatcherBuilder, Link};
 use crate::error::AgentError;
 use crate::state::{self, Credential};
+use crate::tls::PinnedTlsConnector;
 
 /// Messages modules may queue before they wait for the client.
 pub const OUTBOX_CAPACITY: usize = 1024;
@@ -45,11 +46,22 @@ pub const EVENT_BUFFER: usize = 512;
 const SESSION_QUEUE: usize = 64;
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// How the connection to the control plane is verified.
+#[derive(Clone)]
+enum Trust {
+    /// `http://`: no TLS (tests, a local control plane).
+    Plain,
+    /// CA certificates (PEM) that tonic's rustls verifies against.
+    CaPem(Vec<u8>),
+    /// The SHA-256 of the one certificate to accept.
+    Pinned([u8; 32]),
+}
+
 /// How to reach the control plane.
 #[derive(Clone)]
 pub struct ControlEndpoint {
     url: String,
-    ca_pem: Option<Vec<u8>>,
+    trust: Trust,
 }
 
 impl std::fmt::Debug for ControlEndpoint {
@@ -61,61 +73,84 @@ impl std::fmt::Debug for ControlEndpoint {
 }
 
 impl ControlEndpoint {
-    /// `ca_cert` is the PEM to trust for `https` (GLOBALSTACKS_CA_CERT); when
-    /// unset, the system CA bundle is used.
-    pub fn new(url: &http::Uri, ca_cert: Option<&std::path::Path>) -> Result<Self, AgentError> {
+    /// For `https`: the CA file, or the pinned fingerprint, or (neither set)
+    /// the system CA bundle. The CA file is read now, so a bad path fails at
+    /// start with the key named.
+    pub fn new(url: &http::Uri, tls: &TlsTrust) -> Result<Self, AgentError> {
         let url = url.to_string().trim_end_matches('/').to_owned();
-        let ca_pem = if url.starts_with("https://") {
-            let path = ca_cert.map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), PathBuf::from);
+        let trust = if !url.starts_with("https://") {
+            Trust::Plain
+        } else if let Some(fingerprint) = tls.fingerprint {
+            Trust::Pinned(fingerprint)
+        } else {
+            let (key, path) = match &tls.ca_file {
+                Some(path) => (CONTROL_CA_FILE, path.clone()),
+                None => (CONTROL_CA_FILE, PathBuf::from(SYSTEM_CA_BUNDLE)),
+            };
             let pem = std::fs::read(&path).map_err(|e| AgentError::Config {
-                key: CA_CERT.to_owned(),
+                key: key.to_owned(),
                 message: format!("cannot read {}: {e}", path.display()),
             })?;
             if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
                 return Err(AgentError::Config {
-                    key: CA_CERT.to_owned(),
+                    key: key.to_owned(),
                     message: format!("{} holds no PEM certificate", path.display()),
                 });
             }
-            Some(pem)
-        } else {
-            None
+            Trust::CaPem(pem)
         };
-        Ok(Self { url, ca_pem })
+        Ok(Self { url, trust })
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    fn endpoint(&self) -> Result<Endpoint, AgentError> {
-        let mut endpoint = Endpoint::from_shared(self.url.clone())
+    fn endpoint(&self, url: String) -> Result<Endpoint, AgentError> {
+        Ok(Endpoint::from_shared(url)
             .map_err(|e| {
                 AgentError::config(crate::config::CONTROL_URL, format!("`{}`: {e}", self.url))
             })?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(15))
             .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        if let Some(pem) = &self.ca_pem {
-            endpoint = endpoint
+            .keep_alive_while_idle(true))
+    }
+
+    /// Connects (TLS as configured) and returns an `AgentService` client.
+    pub async fn connect(&self) -> Result<AgentServiceClient<Channel>, AgentError> {
+        let transport = |e: tonic::transport::Error| AgentError::Transport {
+            url: self.url.clone(),
+            message: format!("connect: {}", error_chain(&e)),
+        };
+        let channel = match &self.trust {
+            Trust::Plain => self
+                .endpoint(self.url.clone())?
+                .connect()
+                .await
+                .map_err(transport)?,
+            Trust::CaPem(pem) => self
+                .endpoint(self.url.clone())?
                 .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
                 .map_err(|e| AgentError::Tls {
                     message: e.to_string(),
+                })?
+                .connect()
+                .await
+                .map_err(transport)?,
+            Trust::Pinned(fingerprint) => {
+                // The connector does the TLS; tonic sees a plain-http URI.
+                let uri: http::Uri = self.url.parse().map_err(|e| {
+                    AgentError::config(crate::config::CONTROL_URL, format!("`{}`: {e}", self.url))
                 })?;
-        }
-        Ok(endpoint)
-    }
-
-    async fn connect(&self) -> Result<AgentServiceClient<Channel>, AgentError> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| AgentError::Transport {
-                url: self.url.clone(),
-                message: format!("connect: {}", error_chain(&e)),
-            })?;
+                let connector =
+                    PinnedTlsConnector::new(*fingerprint, uri.host().unwrap_or_default())?;
+                self.endpoint(self.url.replacen("https://", "http://", 1))?
+                    .connect_with_connector(connector)
+                    .await
+                    .map_err(transport)?
+            }
+        };
         Ok(AgentServiceClient::new(channel))
     }
 }
@@ -609,18 +644,30 @@ mod tests {
     fn https_needs_a_readable_pem() {
         let url: http::Uri = "https://127.0.0.1:1".parse().unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let trust = |ca: &std::path::Path| TlsTrust {
+            ca_file: Some(ca.to_owned()),
+            fingerprint: None,
+        };
         let missing = dir.path().join("nope.pem");
-        let err = ControlEndpoint::new(&url, Some(&missing))
+        let err = ControlEndpoint::new(&url, &trust(&missing))
             .unwrap_err()
             .to_string();
-        assert!(err.contains(CA_CERT) && err.contains("nope.pem"), "{err}");
+        assert!(
+            err.contains(CONTROL_CA_FILE) && err.contains("nope.pem"),
+            "{err}"
+        );
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "hello").unwrap();
-        let err = ControlEndpoint::new(&url, Some(&garbage))
+        let err = ControlEndpoint::new(&url, &trust(&garbage))
             .unwrap_err()
             .to_string();
         assert!(err.contains("no PEM certificate"), "{err}");
         let plain: http::Uri = "http://127.0.0.1:1".parse().unwrap();
-        assert!(ControlEndpoint::new(&plain, None).is_ok());
+        assert!(ControlEndpoint::new(&plain, &TlsTrust::default()).is_ok());
+        let pinned = TlsTrust {
+            ca_file: None,
+            fingerprint: Some([7; 32]),
+        };
+        assert!(ControlEndpoint::new(&url, &pinned).is_ok());
     }
 }

@@ -8,6 +8,7 @@
 //! - [`control_stream`]: enrollment and the ONE control-stream client.
 //! - [`dispatch`]: command kinds, the module registry, typed replies.
 //! - [`terminal`]: the break-glass host terminal module.
+//! - [`tls`]: a pinned-fingerprint TLS connector for the control plane.
 //! - [`run`]: `gstacks-agent run`, tying the above together.
 
 pub mod backoff;
@@ -21,5 +22,6 @@ pub mod run;
 pub mod state;
 pub mod telemetry;
 pub mod terminal;
+pub mod tls;
 
 pub use error::AgentError;

@@ -67,7 +67,7 @@ pub fn modules(config: &AgentConfig) -> DispatcherBuilder {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let lock = ServiceLock::acquire(&config.state_dir)?;
     tracing::debug!(path = %lock.path().display(), "service lock taken");
-    let endpoint = ControlEndpoint::new(&config.control_url, config.ca_cert.as_deref())?;
+    let endpoint = ControlEndpoint::new(&config.control_url, &config.tls)?;
     let host = HostTelemetry::new(config.traits.clone(), config.tags.clone());
     let facts = host.current().await;
     tracing::info!(

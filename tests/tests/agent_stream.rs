@@ -124,16 +124,31 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with_tls(None).await
+    }
+
+    /// With `tls` (certificate PEM, key PEM) the server speaks https.
+    async fn start_with_tls(tls: Option<(String, String)>) -> Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State::default()));
         let (seen_tx, seen) = mpsc::channel(4096);
         let service = FakeControl {
             state: state.clone(),
             seen: seen_tx,
         };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key)) = tls {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(cert, key)),
+                )
+                .unwrap();
+        }
         let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(AgentServiceServer::new(service))
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await
@@ -596,4 +611,68 @@ async fn binary_exits_78_on_revocation_says_why_once_and_logs_no_secret() {
             "`{secret}` in the agent's log:\n{stderr}"
         );
     }
+}
+
+/// https with the server's self-signed certificate: trusted through
+/// GLOBALSTACKS_CONTROL_CA_FILE, or pinned by GLOBALSTACKS_CONTROL_FINGERPRINT;
+/// a wrong pin is refused with both fingerprints named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_ca_file_or_a_pinned_fingerprint() {
+    use sha2::Digest;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert_pem = certified.cert.pem();
+    let fingerprint = agent::tls::format_fingerprint(&sha2::Sha256::digest(certified.cert.der()));
+    let mut h = Harness::start_with_tls(Some((
+        cert_pem.clone(),
+        certified.signing_key.serialize_pem(),
+    )))
+    .await;
+    assert!(h.url.starts_with("https://"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("control-ca.pem");
+    std::fs::write(&ca_file, &cert_pem).unwrap();
+
+    let state = dir.path().join("state");
+    let (shutdown, agent) = start_agent(h.config(
+        &state,
+        &[(config::CONTROL_CA_FILE, ca_file.to_str().unwrap())],
+    ));
+    assert_eq!(
+        h.wait_for("hello over https (CA file)", is_hello)
+            .await
+            .session,
+        1
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let (shutdown, agent) =
+        start_agent(h.config(&state, &[(config::CONTROL_FINGERPRINT, &fingerprint)]));
+    assert_eq!(
+        h.wait_for("hello over https (pinned)", is_hello)
+            .await
+            .session,
+        2
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    let wrong = h.config(&state, &[(config::CONTROL_FINGERPRINT, &"00".repeat(32))]);
+    let endpoint =
+        agent::control_stream::ControlEndpoint::new(&wrong.control_url, &wrong.tls).unwrap();
+    let err = endpoint.connect().await.unwrap_err().to_string();
+    assert!(
+        err.contains("not the pinned") && err.contains(&fingerprint),
+        "{err}"
+    );
 }
