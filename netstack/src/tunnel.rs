@@ -170,6 +170,8 @@ pub(crate) struct Tunnel {
     pub(crate) rx_bytes: u64,
     pub(crate) tx_bytes: u64,
     pub(crate) last_handshake: Option<Instant>,
+    /// We answered an initiation; no transport message has confirmed it yet.
+    unconfirmed: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -230,6 +232,7 @@ impl Tunnel {
             rx_bytes: 0,
             tx_bytes: 0,
             last_handshake: None,
+            unconfirmed: false,
         }
     }
 
@@ -293,9 +296,23 @@ impl Tunnel {
         self.unanswered_since = None;
     }
 
+    /// A transport message decrypted: the session it used is confirmed.
+    fn mark_transport_received(&mut self, now: Instant) {
+        self.mark_received(now);
+        if self.unconfirmed {
+            self.unconfirmed = false;
+            self.last_handshake = self.session_started;
+        }
+    }
+
     fn session_established(&mut self, now: Instant, we_initiated: bool) {
         self.session_started = Some(now);
-        self.last_handshake = Some(now);
+        // A responder's session is confirmed by the initiator's first
+        // transport message (a wrong preshared key only shows there).
+        if we_initiated {
+            self.last_handshake = Some(now);
+        }
+        self.unconfirmed = !we_initiated;
         self.we_initiated = we_initiated;
         self.attempt_started = None;
         self.gave_up = None;
@@ -397,14 +414,14 @@ impl Tunnel {
                 Received::Reply(out)
             }
             TunnResult::WriteToTunnelV4(packet, _) | TunnResult::WriteToTunnelV6(packet, _) => {
-                self.mark_received(now);
+                self.mark_transport_received(now);
                 self.last_data_received = Some(now);
                 self.rx_bytes += packet.len() as u64;
                 Received::Ip(packet)
             }
             TunnResult::Done => {
                 if kind == MSG_DATA {
-                    self.mark_received(now);
+                    self.mark_transport_received(now);
                 }
                 Received::Nothing
             }

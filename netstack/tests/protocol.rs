@@ -475,3 +475,93 @@ fn simultaneous_initiations_converge() {
         .collect();
     assert!(count <= 3, "{count} initiations: {log:?}");
 }
+
+#[test]
+fn preshared_keys_must_match() {
+    let psk = netstack::PresharedKey::generate();
+    for matching in [true, false] {
+        let mut sim = Sim::new(2);
+        let mut to_1 = sim.peer_of(1);
+        let mut to_0 = sim.peer_of(0);
+        to_1.preshared_key = Some(psk.clone());
+        to_0.preshared_key = Some(if matching {
+            psk.clone()
+        } else {
+            netstack::PresharedKey::generate()
+        });
+        let now = sim.now;
+        sim.nodes[0].node.set_peers(vec![to_1], now).unwrap();
+        sim.nodes[1].node.set_peers(vec![to_0], now).unwrap();
+        if matching {
+            udp_exchange(&mut sim, 0, 1, 2000, b"with psk");
+        } else {
+            let s = sim.nodes[0].node.udp_bind(2000).unwrap();
+            let dst = SocketAddr::new(sim.nodes[1].v4, 2000);
+            sim.nodes[0].node.udp_send_to(s, b"x", dst, None).unwrap();
+            sim.run_for(Duration::from_secs(20));
+            for node in 0..2 {
+                assert!(sim.nodes[node].node.status().peers[0]
+                    .last_handshake
+                    .is_none());
+            }
+            // The responder answered (it cannot know the PSK differs), the
+            // initiator refused the answer.
+            let drops = sim.nodes[0].node.status().total_drops();
+            assert!(drops.get(DropReason::Unauthenticated) > 0, "{drops:?}");
+        }
+    }
+}
+
+#[test]
+fn under_a_handshake_flood_only_cookie_replies_go_out_and_peers_still_connect() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    let target = sim.nodes[1].udp;
+    // Strangers flood node 1 with valid initiations (MAC1 only needs node
+    // 1's public key).
+    let mut flood = Vec::new();
+    let now = sim.now;
+    for i in 0..300u32 {
+        let mut stranger = netstack::Node::new(
+            netstack::PrivateKey::generate(),
+            &[support::v4(200)],
+            vec![sim.peer_of(1)],
+            now,
+        )
+        .unwrap();
+        let s = stranger.udp_bind(1).unwrap();
+        stranger
+            .udp_send_to(s, b"x", SocketAddr::new(sim.nodes[1].v4, 1), None)
+            .unwrap();
+        stranger.handle_timeout(now);
+        let t = stranger.poll_transmit().unwrap();
+        assert_eq!(t.destination, target);
+        flood.push((
+            SocketAddr::from(([203, 0, 113, (i % 250) as u8], 1000 + i as u16)),
+            t.contents,
+        ));
+    }
+    let mut replies = Vec::new();
+    for (from, bytes) in &flood {
+        sim.nodes[1].node.handle_udp(now, *from, bytes);
+        while let Some(t) = sim.nodes[1].node.poll_transmit() {
+            replies.push(t);
+        }
+    }
+    assert!(
+        !replies.is_empty(),
+        "a flood over the limit is answered with cookies"
+    );
+    for reply in &replies {
+        assert_eq!(
+            reply.contents[0], 3,
+            "only cookie replies to unknown senders"
+        );
+        assert_eq!(reply.contents.len(), 64);
+    }
+    let drops = sim.nodes[1].node.status().drops;
+    assert!(drops.get(DropReason::UnknownPeer) > 0, "{drops:?}");
+    // The real peer still gets through: it is asked for a cookie, proves
+    // its address with MAC2 on the retry, and the handshake completes.
+    udp_exchange(&mut sim, 0, 1, 2100, b"through the flood");
+}
