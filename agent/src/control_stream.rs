@@ -500,7 +500,12 @@ impl ControlClient {
                         }
                         Some(control_message::Body::Goodbye(bye)) => {
                             let reason = bye.reason.unwrap_or_default();
-                            tracing::info!("control plane says goodbye: {}", reason.message);
+                            if reason.code == ErrorCode::PermissionDenied as i32 {
+                                // Said once, with the stop, by the caller.
+                                tracing::debug!("control plane says goodbye: {}", reason.message);
+                            } else {
+                                tracing::info!("control plane says goodbye: {}", reason.message);
+                            }
                             goodbye = Some(reason);
                         }
                         None => tracing::debug!("ignoring a control message of a kind unknown to this build"),

@@ -676,3 +676,94 @@ async fn https_with_a_ca_file_or_a_pinned_fingerprint() {
         "{err}"
     );
 }
+
+fn agent_command(h: &Harness, state_dir: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(tests::binary("gstacks-agent"));
+    cmd.env(config::CONTROL_URL, &h.url)
+        .env(config::PROVISIONING_TOKEN, TOKEN)
+        .env(config::STATE_DIR, state_dir)
+        .env(config::HEARTBEAT_MS, "100")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn lock_verb(
+    h: &Harness,
+    state_dir: &std::path::Path,
+    args: &[&str],
+) -> (Option<i32>, String) {
+    let out = agent_command(h, state_dir)
+        .args(["service", "lock"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// One agent per host: a second one is refused naming the holder; after
+/// `kill -9` the lock is reported stale, `clear` needs `--force`, and a
+/// restarted agent takes the lock and reuses its credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_lock_and_restart_after_kill_9() {
+    let mut h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let mut first = agent_command(&h, state).arg("run").spawn().unwrap();
+    let pid = first.id().unwrap();
+    assert_eq!(h.wait_for("hello", is_hello).await.session, 1);
+
+    let (code, text) = lock_verb(&h, state, &["status"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("held by pid {pid}")) && text.contains("alive"),
+        "{text}"
+    );
+
+    let second = agent_command(&h, state).arg("run").output().await.unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("held by pid {pid}")), "{err}");
+
+    let (code, text) = lock_verb(&h, state, &["clear", "--force"]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("alive") && text.contains("refusing"),
+        "{text}"
+    );
+
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let (code, text) = lock_verb(&h, state, &["status"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("stale") && text.contains(&format!("pid {pid}")),
+        "{text}"
+    );
+    let (code, text) = lock_verb(&h, state, &["clear"]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("--force"), "{text}");
+
+    // A stale lock does not keep the agent from starting again.
+    let mut restarted = agent_command(&h, state).arg("run").spawn().unwrap();
+    assert_eq!(h.wait_for("hello after kill -9", is_hello).await.session, 2);
+    assert_eq!(
+        h.state.lock().unwrap().enrolls.len(),
+        1,
+        "restart must not enroll again"
+    );
+    restarted.start_kill().unwrap();
+    restarted.wait().await.unwrap();
+    let (code, text) = lock_verb(&h, state, &["clear", "--force"]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let (_, text) = lock_verb(&h, state, &["status"]).await;
+    assert!(text.contains("free"), "{text}");
+}
