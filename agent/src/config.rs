@@ -107,10 +107,14 @@ impl ConfigSource {
             )),
             None => None,
         };
-        Self::from_parts(
+        let source = Self::from_parts(
             file_text.as_ref().map(|(p, t)| (*p, t.as_str())),
             std::env::vars(),
-        )
+        )?;
+        if let Some(path) = file {
+            warn_if_secret_is_exposed(path, &file_text.map(|(_, t)| t).unwrap_or_default());
+        }
+        Ok(source)
     }
 
     /// The merge itself, without touching the process: the file's text (if
@@ -136,6 +140,22 @@ impl ConfigSource {
     /// The value of a key, trimmed; `None` when unset or empty.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(|v| v.trim())
+    }
+}
+
+/// A config file holding the provisioning token should be 0600 like the
+/// credential file; say so (without the token) when others can read it.
+fn warn_if_secret_is_exposed(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let holds_token =
+        parse_config_file(path, text).is_ok_and(|v| v.contains_key(PROVISIONING_TOKEN));
+    let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode() & 0o777);
+    if holds_token && mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "config file holds {PROVISIONING_TOKEN} and is readable by others; chmod 600 it"
+        );
     }
 }
 

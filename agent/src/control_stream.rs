@@ -355,6 +355,7 @@ impl ControlClient {
                 }
                 SessionEnd::Dropped(reason) => reason,
             };
+            dispatcher.stream_lost();
             let mut ev = event(
                 "stream.disconnected",
                 EventLevel::Warn,
@@ -577,6 +578,11 @@ impl EventBuffer {
     /// replies dropped (their stream is gone).
     pub fn keep(&mut self, message: AgentMessage) {
         match message.body {
+            // Output of a terminal whose reader went with the stream.
+            Some(agent_message::Body::Event(Event {
+                payload: Some(proto::event::Payload::TerminalOutput(_)),
+                ..
+            })) => {}
             Some(agent_message::Body::Event(event)) => self.push(event),
             Some(agent_message::Body::Reply(reply)) => {
                 tracing::debug!(request_id = %reply.request_id, "dropping a reply: its stream is gone");
@@ -619,6 +625,13 @@ mod tests {
         assert_eq!(kinds, ["e2", "e3", "e4"]);
         b.keep(AgentMessage {
             body: Some(agent_message::Body::Reply(proto::Reply::default())),
+        });
+        let mut output = event("terminal.output", EventLevel::Debug, "");
+        output.payload = Some(proto::event::Payload::TerminalOutput(
+            proto::TerminalOutput::default(),
+        ));
+        b.keep(AgentMessage {
+            body: Some(agent_message::Body::Event(output)),
         });
         assert!(b.is_empty());
     }

@@ -96,6 +96,9 @@ pub trait Module: Send + Sync + 'static {
     /// The returned value becomes the reply; streamed output goes through
     /// `link` as events carrying the command's request id.
     fn handle(self: Arc<Self>, command: Command, link: Link) -> HandlerFuture;
+    /// The control stream ended: work tied to it (a terminal session whose
+    /// reader is gone) should stop. Called before every reconnect.
+    fn stream_lost(&self) {}
 }
 
 /// How many commands a module runs at once.
@@ -249,7 +252,9 @@ impl DispatcherBuilder {
     /// Starts one worker per module (needs a tokio runtime).
     pub fn start(self, link: Link) -> Dispatcher {
         let mut routes = HashMap::new();
+        let mut modules = Vec::new();
         for registration in self.registrations {
+            modules.push(registration.module.clone());
             let (tx, rx) = mpsc::channel(MODULE_QUEUE);
             let name = registration.module.name();
             tokio::spawn(module_worker(
@@ -268,7 +273,11 @@ impl DispatcherBuilder {
                 );
             }
         }
-        Dispatcher { routes, link }
+        Dispatcher {
+            routes,
+            modules,
+            link,
+        }
     }
 }
 
@@ -280,6 +289,7 @@ struct Route {
 /// Routes commands to module workers.
 pub struct Dispatcher {
     routes: HashMap<CommandKind, Route>,
+    modules: Vec<Arc<dyn Module>>,
     link: Link,
 }
 
@@ -322,6 +332,13 @@ impl Dispatcher {
                 ErrorCode::Internal,
                 format!("module `{}` has stopped", route.name),
             )),
+        }
+    }
+
+    /// Tells every module that the control stream ended.
+    pub fn stream_lost(&self) {
+        for module in &self.modules {
+            module.stream_lost();
         }
     }
 

@@ -49,6 +49,8 @@ struct SessionControl {
     input: mpsc::Sender<Vec<u8>>,
     resize: watch::Sender<pty_process::Size>,
     close: CancellationToken,
+    /// Cancelled when the control stream drops.
+    lost: CancellationToken,
 }
 
 /// The host terminal module.
@@ -137,12 +139,14 @@ impl HostTerminal {
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
         let (resize_tx, resize_rx) = watch::channel(size);
         let close = CancellationToken::new();
+        let lost = CancellationToken::new();
         self.sessions().insert(
             open.session_id.clone(),
             SessionControl {
                 input: input_tx,
                 resize: resize_tx,
                 close: close.clone(),
+                lost: lost.clone(),
             },
         );
         audit.message = format!(
@@ -169,7 +173,9 @@ impl HostTerminal {
             let id = session.id.clone();
             // Output follows the TerminalOpened reply, never precedes it.
             session.link.reply_sent().await;
-            session.run(child, pty, input_rx, resize_rx, close).await;
+            session
+                .run(child, pty, input_rx, resize_rx, close, lost)
+                .await;
             module.sessions().remove(&id);
         });
         Ok(command_result::Kind::TerminalOpened(TerminalOpened {
@@ -262,6 +268,7 @@ impl Session {
         mut input: mpsc::Receiver<Vec<u8>>,
         mut resize: watch::Receiver<pty_process::Size>,
         close: CancellationToken,
+        lost: CancellationToken,
     ) {
         let (mut reader, mut writer) = pty.into_split();
         let pgid = child
@@ -301,6 +308,10 @@ impl Session {
                 }
                 _ = close.cancelled(), if end_reason.is_none() => {
                     end_reason = Some("closed by the control plane".to_owned());
+                    kill_group(pgid, &mut child);
+                }
+                _ = lost.cancelled(), if end_reason.is_none() => {
+                    end_reason = Some("the control stream was lost".to_owned());
                     kill_group(pgid, &mut child);
                 }
                 _ = &mut expire, if end_reason.is_none() => {
@@ -359,6 +370,13 @@ fn kill_group(pgid: Option<nix::unistd::Pid>, child: &mut tokio::process::Child)
 impl Module for HostTerminal {
     fn name(&self) -> &'static str {
         "terminal"
+    }
+
+    /// A terminal's operator went with the stream: end every session.
+    fn stream_lost(&self) {
+        for control in self.sessions().values() {
+            control.lost.cancel();
+        }
     }
 
     fn handle(self: Arc<Self>, command: Command, link: Link) -> HandlerFuture {
@@ -532,6 +550,31 @@ mod tests {
             .unwrap()
             .reason
             .contains("closed by the control plane"));
+    }
+
+    #[tokio::test]
+    async fn lost_stream_ends_open_sessions() {
+        let (link, mut rx) = Link::channel(64);
+        let terminal = HostTerminal::new(false);
+        let d = DispatcherBuilder::new()
+            .register(terminal.clone(), KINDS, Concurrency::Sequential)
+            .start(link);
+        assert!(d
+            .dispatch(open_cmd("r1", "s1", &["sleep", "600"], 0))
+            .is_none());
+        loop {
+            if let Some(agent_message::Body::Reply(r)) = rx.recv().await.unwrap().body {
+                assert_eq!(r.request_id, "r1");
+                break;
+            }
+        }
+        d.stream_lost();
+        let seen = collect_until_exit(&mut rx).await;
+        assert!(seen
+            .exit
+            .unwrap()
+            .reason
+            .contains("control stream was lost"));
     }
 
     #[tokio::test]
