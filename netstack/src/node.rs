@@ -124,7 +124,8 @@ struct Listener {
     pool: Vec<SocketHandle>,
     /// Sockets that left the Listen state and are not accepted yet.
     pending: VecDeque<SocketHandle>,
-    waker: Option<Waker>,
+    /// Tasks waiting in `accept` (several may wait on one listener).
+    wakers: Vec<Waker>,
 }
 
 #[derive(Default)]
@@ -693,7 +694,7 @@ impl Node {
         let mut listener = Listener {
             pool: Vec::new(),
             pending: VecDeque::new(),
-            waker: None,
+            wakers: Vec::new(),
         };
         for _ in 0..LISTEN_POOL {
             listener.pool.push(self.new_listen_socket(port)?);
@@ -798,7 +799,9 @@ impl Node {
         }
         if found.is_none() {
             if let Some(waker) = waker {
-                listener.waker = Some(waker.clone());
+                if !listener.wakers.iter().any(|w| w.will_wake(waker)) {
+                    listener.wakers.push(waker.clone());
+                }
             }
         }
         self.listeners.insert(port, listener);
@@ -817,7 +820,7 @@ impl Node {
 
     fn wake_acceptors(&mut self) {
         for listener in self.listeners.values_mut() {
-            if listener.waker.is_none() {
+            if listener.wakers.is_empty() {
                 continue;
             }
             let ready = listener
@@ -831,7 +834,7 @@ impl Node {
                     )
                 });
             if ready {
-                if let Some(waker) = listener.waker.take() {
+                for waker in listener.wakers.drain(..) {
                     waker.wake();
                 }
             }
@@ -1101,7 +1104,7 @@ impl Node {
             }
         }
         for listener in self.listeners.values_mut() {
-            if let Some(waker) = listener.waker.take() {
+            for waker in listener.wakers.drain(..) {
                 waker.wake();
             }
         }
