@@ -116,7 +116,12 @@ pub async fn run(options: DevOptions) -> Result<()> {
         "  export GLOBALSTACKS_API_CA_FILE={}",
         running.tls.cert_path.display()
     );
-    println!("  gstacks host list        # or: cargo run --release --bin gstacks -- host list");
+    let cli = agent_binary.with_file_name("gstacks");
+    if cli.is_file() {
+        println!("  {} host list", cli.display());
+    } else {
+        println!("  gstacks host list");
+    }
     println!();
     println!("The operator token is shown once and changes at every start. Ctrl-C stops the control plane and the agent.");
 
