@@ -1,5 +1,9 @@
 //! `gstacks-bench`: Measure the GlobalStacks data path beside its baselines.
 
+mod scenario;
+
+use std::process::ExitCode;
+
 #[derive(clap::Parser, Debug)]
 #[command(
     name = "gstacks-bench",
@@ -7,8 +11,72 @@
     version,
     long_version = proto::build_info::LONG_VERSION
 )]
-struct Args {}
+struct Args {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
 
-fn main() {
-    let _args: Args = proto::build_info::parse_args();
+#[derive(clap::Subcommand, Debug)]
+enum BenchCommand {
+    /// The control plane: N simulated agents connecting and heartbeating,
+    /// beside the same control plane idle.
+    Control(scenario::control::Options),
+}
+
+fn main() -> ExitCode {
+    let args: Args = proto::build_info::parse_args();
+    let outcome = match args.command {
+        BenchCommand::Control(options) => run_control(&options),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gstacks-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_control(options: &scenario::control::Options) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let figures = runtime.block_on(scenario::control::run(options))?;
+    println!(
+        "{:<12} {:>8} {:>12} {:>12}",
+        "metric", "unit", "gstacks", "idle"
+    );
+    for metric in ["enroll_all", "connect_all", "cpu", "rss"] {
+        let cell = |system: &str| {
+            figures
+                .iter()
+                .find(|f| f.metric == metric && f.system == system)
+                .map_or("n/a".to_owned(), |f| format!("{:.3}", f.value))
+        };
+        let unit = figures
+            .iter()
+            .find(|f| f.metric == metric)
+            .map_or("", |f| f.unit);
+        println!(
+            "{metric:<12} {unit:>8} {:>12} {:>12}",
+            cell("gstacks"),
+            cell("idle")
+        );
+    }
+    if let Some(path) = &options.json {
+        let results: Vec<serde_json::Value> = figures
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "scenario": scenario::control::SCENARIO,
+                    "metric": f.metric,
+                    "system": f.system,
+                    "value": f.value,
+                    "unit": f.unit,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
