@@ -93,3 +93,25 @@ fn token_revoke_takes_every_host_enrolled_with_it() {
         (cp.host(&ids[2])["status"] == "connected").then_some(())
     });
 }
+
+#[test]
+fn host_logs_follow_shows_the_revocation_as_it_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("control"));
+    let (_, secret) = cp.token(&[]);
+    let _agent = Agent::start(&cp, &dir.path().join("agent"), Some(&secret), &[]);
+    let host_id = _agent.host_id();
+    cp.wait_status(&host_id, "connected", WAIT);
+
+    let (mut follower, output) = cp.cli_spawn(&["host", "logs", &host_id, "--follow"]);
+    wait_for("the backlog", WAIT, || {
+        output.text().contains("host.connected").then_some(())
+    });
+    assert!(!output.text().contains("host.revoked"));
+    cp.json(&["host", "revoke", &host_id]);
+    wait_for("the revocation to be followed", WAIT, || {
+        output.text().contains("host.revoked").then_some(())
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

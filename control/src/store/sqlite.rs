@@ -20,6 +20,11 @@ type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 const MIGRATIONS: &[Migration] = &[migrate_1_schema, migrate_2_default_cluster];
 
+/// Host events kept per host; older ones are pruned.
+pub const EVENTS_KEPT_PER_HOST: u64 = 10_000;
+/// Pruning runs on every this-many-th event (store-wide sequence).
+const PRUNE_EVERY: u64 = 64;
+
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
@@ -535,7 +540,17 @@ impl Store for SqliteStore {
                 "INSERT INTO host_events (host_id, kind, at_ms, event) VALUES (?1, ?2, ?3, ?4)",
                 params![host_id, event.kind, event.at_ms, event.encode_to_vec()],
             )?;
-            Ok(conn.last_insert_rowid() as u64)
+            let seq = conn.last_insert_rowid() as u64;
+            // Now and then, drop what is beyond the host's retention.
+            if seq.is_multiple_of(PRUNE_EVERY) {
+                conn.execute(
+                    "DELETE FROM host_events WHERE host_id = ?1 AND seq <= (
+                         SELECT seq FROM host_events WHERE host_id = ?1
+                         ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                    params![host_id, EVENTS_KEPT_PER_HOST as i64],
+                )?;
+            }
+            Ok(seq)
         })
     }
 
@@ -798,6 +813,30 @@ mod tests {
         let after = store.host_events("hst_1", seqs[3], None).unwrap();
         assert_eq!(after.len(), 1);
         assert!(store.host_events("hst_other", 0, None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_beyond_retention_are_pruned_per_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_host(&host("hst_1", "tok_a")).unwrap();
+        store.insert_host(&host("hst_2", "tok_a")).unwrap();
+        store.append_host_event("hst_2", &Event::default()).unwrap();
+        let total = EVENTS_KEPT_PER_HOST + 2 * PRUNE_EVERY;
+        for _ in 0..total {
+            store.append_host_event("hst_1", &Event::default()).unwrap();
+        }
+        let kept = store.host_events("hst_1", 0, None).unwrap();
+        assert!(
+            kept.len() as u64 <= EVENTS_KEPT_PER_HOST + PRUNE_EVERY,
+            "{}",
+            kept.len()
+        );
+        assert!(kept.len() as u64 >= EVENTS_KEPT_PER_HOST, "{}", kept.len());
+        // The newest survive; another host's are untouched.
+        assert_eq!(kept.last().unwrap().seq, total + 1);
+        assert_eq!(store.host_events("hst_2", 0, None).unwrap().len(), 1);
     }
 
     #[test]

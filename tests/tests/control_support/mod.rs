@@ -182,6 +182,19 @@ impl ControlPlane {
         child.wait_with_output().unwrap()
     }
 
+    /// Starts `gstacks <args>` in the background (`host logs --follow`).
+    pub fn cli_spawn(&self, args: &[&str]) -> (Child, Captured) {
+        let mut command = Command::new(tests::binary("gstacks"));
+        command
+            .args(args)
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env("GLOBALSTACKS_API_URL", self.url())
+            .env("GLOBALSTACKS_API_TOKEN", &self.operator_token)
+            .env("GLOBALSTACKS_API_CA_FILE", self.ca_file());
+        spawn_captured(command)
+    }
+
     /// `gstacks <args> --json`, which must succeed.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
