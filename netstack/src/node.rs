@@ -134,6 +134,14 @@ struct SocketMeta {
     released: bool,
     local_port: Option<u16>,
     udp: bool,
+    /// Received bytes saved from a socket about to close: smoltcp clears
+    /// its receive buffer when a connection reaches Closed (after LAST-ACK
+    /// or TIME-WAIT), even if the application has not read it yet.
+    salvaged: VecDeque<u8>,
+    /// The peer's FIN was seen: reads end with `Ok(0)`, not an error.
+    eof: bool,
+    /// We sent FIN first: watch for TIME-WAIT to salvage unread bytes.
+    half_closed: bool,
 }
 
 pub struct Node {
@@ -156,6 +164,8 @@ pub struct Node {
     ephemeral_in_use: HashMap<u16, SocketHandle>,
     next_ephemeral: u16,
     released: Vec<SocketHandle>,
+    /// Connections we sent FIN on first (see `salvage_half_closed`).
+    half_closed: Vec<SocketHandle>,
     epoch: Instant,
     now: Instant,
     transmits: VecDeque<Transmit>,
@@ -223,6 +233,7 @@ impl Node {
             ephemeral_in_use: HashMap::new(),
             next_ephemeral: *EPHEMERAL_PORTS.start(),
             released: Vec::new(),
+            half_closed: Vec::new(),
             epoch: now,
             now,
             transmits: VecDeque::new(),
@@ -461,6 +472,9 @@ impl Node {
                 PollIngressSingleResult::PacketProcessed => {}
                 PollIngressSingleResult::SocketStateChanged => changed = true,
             }
+        }
+        if !self.half_closed.is_empty() {
+            self.salvage_half_closed();
         }
         loop {
             match self
@@ -849,11 +863,28 @@ impl Node {
         buf: &mut [u8],
         waker: Option<&Waker>,
     ) -> io::Result<usize> {
-        let socket = self.tcp_mut(id).ok_or_else(closed)?;
-        match socket.recv_slice(buf) {
+        let meta = self
+            .meta
+            .get_mut(&id.0)
+            .filter(|m| !m.udp)
+            .ok_or_else(closed)?;
+        if !meta.salvaged.is_empty() {
+            let n = buf.len().min(meta.salvaged.len());
+            for (slot, byte) in buf.iter_mut().zip(meta.salvaged.drain(..n)) {
+                *slot = byte;
+            }
+            return Ok(n);
+        }
+        let eof = meta.eof;
+        let socket = self.sockets.get_mut::<tcp::Socket>(id.0);
+        let result = match socket.recv_slice(buf) {
             Ok(0) if !buf.is_empty() => {
                 if socket.state() == tcp::State::Closed {
-                    return Err(io::ErrorKind::ConnectionReset.into());
+                    return if eof {
+                        Ok(0)
+                    } else {
+                        Err(io::ErrorKind::ConnectionReset.into())
+                    };
                 }
                 if let Some(waker) = waker {
                     socket.register_recv_waker(waker);
@@ -869,8 +900,58 @@ impl Node {
                     }
                     Err(io::ErrorKind::WouldBlock.into())
                 }
+                _ if eof => Ok(0),
                 _ => Err(io::ErrorKind::ConnectionReset.into()),
             },
+        };
+        if matches!(result, Ok(0)) && !buf.is_empty() {
+            if let Some(meta) = self.meta.get_mut(&id.0) {
+                meta.eof = true;
+            }
+        }
+        result
+    }
+
+    /// Move the unread bytes of a connection whose peer has sent FIN out of
+    /// the smoltcp socket, before smoltcp discards them on closing.
+    fn salvage(&mut self, handle: SocketHandle) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+        let Some(meta) = self.meta.get_mut(&handle) else {
+            return;
+        };
+        while let Ok(n) = socket.recv(|data| {
+            meta.salvaged.extend(data.iter().copied());
+            (data.len(), data.len())
+        }) {
+            if n == 0 {
+                break;
+            }
+        }
+        meta.eof = true;
+        meta.half_closed = false;
+    }
+
+    /// After inbound packets: connections we half-closed that the peer has
+    /// now closed too are in TIME-WAIT; keep their unread bytes.
+    fn salvage_half_closed(&mut self) {
+        let mut i = 0;
+        while i < self.half_closed.len() {
+            let handle = self.half_closed[i];
+            let state = self
+                .meta
+                .get(&handle)
+                .filter(|m| m.half_closed && !m.released)
+                .map(|_| self.sockets.get::<tcp::Socket>(handle).state());
+            match state {
+                Some(tcp::State::TimeWait | tcp::State::Closing) => {
+                    self.salvage(handle);
+                    self.half_closed.swap_remove(i);
+                }
+                Some(tcp::State::FinWait1 | tcp::State::FinWait2) => i += 1,
+                _ => {
+                    self.half_closed.swap_remove(i);
+                }
+            }
         }
     }
 
@@ -918,6 +999,19 @@ impl Node {
 
     /// Half-close: send FIN once the queued bytes are sent; reading continues.
     pub fn tcp_shutdown(&mut self, id: SocketId) {
+        let Some(state) = self.tcp(id).map(|s| s.state()) else {
+            return;
+        };
+        if state == tcp::State::CloseWait {
+            // The peer already sent FIN: once it acknowledges ours, smoltcp
+            // closes the socket and drops what we have not read yet.
+            self.salvage(id.0);
+        } else if let Some(meta) = self.meta.get_mut(&id.0) {
+            if !meta.half_closed {
+                meta.half_closed = true;
+                self.half_closed.push(id.0);
+            }
+        }
         if let Some(socket) = self.tcp_mut(id) {
             socket.close();
         }

@@ -565,3 +565,72 @@ fn under_a_handshake_flood_only_cookie_replies_go_out_and_peers_still_connect() 
     // its address with MAC2 on the retry, and the handshake completes.
     udp_exchange(&mut sim, 0, 1, 2100, b"through the flood");
 }
+
+/// Read everything from (node, socket) until EOF.
+fn read_to_end(sim: &mut Sim, node: usize, socket: netstack::SocketId) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let ok = sim.run_until(Duration::from_secs(10), |s| loop {
+        match s.nodes[node].node.tcp_recv(socket, &mut buf, None) {
+            Ok(0) => return true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) => panic!("read failed after {} bytes: {e}", out.len()),
+        }
+    });
+    assert!(ok, "no EOF after {} bytes", out.len());
+    out
+}
+
+#[test]
+fn unread_bytes_survive_the_connection_closing_on_both_sides() {
+    // Passive close: the peer sent data and FIN; we close our side before
+    // reading (LAST-ACK, then Closed).
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[1].node.tcp_listen(80).unwrap();
+    let client = sim.connect(0, SocketAddr::new(sim.nodes[1].v4, 80));
+    let server = sim.accept(1, 80);
+    let data = pattern(100_000, 9);
+    let mut sent = 0;
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        if let Ok(n) = s.nodes[0].node.tcp_send(client, &data[sent..], None) {
+            sent += n;
+        }
+        sent == data.len()
+    });
+    assert!(ok);
+    sim.nodes[0].node.tcp_shutdown(client);
+    // Wait until the FIN has arrived (CLOSE-WAIT), without reading.
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        s.nodes[0].node.tcp_send_queue(client) == 0
+    });
+    assert!(ok);
+    sim.run_for(Duration::from_millis(50));
+    sim.nodes[1].node.tcp_shutdown(server);
+    sim.run_for(Duration::from_secs(30));
+    assert_eq!(read_to_end(&mut sim, 1, server), data);
+    assert_eq!(read_to_end(&mut sim, 0, client), b"");
+
+    // Active close: we half-close first, the peer then sends data and FIN;
+    // we read only after TIME-WAIT is over.
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[1].node.tcp_listen(80).unwrap();
+    let client = sim.connect(0, SocketAddr::new(sim.nodes[1].v4, 80));
+    let server = sim.accept(1, 80);
+    sim.nodes[0].node.tcp_shutdown(client);
+    sim.run_for(Duration::from_millis(50));
+    let reply = pattern(50_000, 10);
+    let mut sent = 0;
+    let ok = sim.run_until(Duration::from_secs(10), |s| {
+        if let Ok(n) = s.nodes[1].node.tcp_send(server, &reply[sent..], None) {
+            sent += n;
+        }
+        sent == reply.len()
+    });
+    assert!(ok);
+    sim.nodes[1].node.tcp_shutdown(server);
+    sim.run_for(Duration::from_secs(30));
+    assert_eq!(read_to_end(&mut sim, 0, client), reply);
+}
