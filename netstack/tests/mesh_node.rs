@@ -301,3 +301,26 @@ async fn shutdown_fails_pending_operations() -> Result<()> {
     p.b.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_on_a_current_thread_runtime() -> Result<()> {
+    let p = pair().await?;
+    let listener = p.b.listen_tcp(7)?;
+    tokio::spawn(echo_server(listener));
+    let stream = p.a.dial_tcp(SocketAddr::new(v4(2), 7)).await?;
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await?;
+        w.shutdown().await?;
+        anyhow::Ok(w)
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), r.read_to_end(&mut got)).await??;
+    writer.await??;
+    assert_eq!(got, data);
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+    Ok(())
+}
