@@ -1,0 +1,661 @@
+//! The hickory-server `RequestHandler`: `.gstacks` from the live table,
+//! everything else relayed from the upstream resolvers.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use hickory_server::{
+    net::runtime::Time,
+    proto::{
+        op::{Edns, Header, HeaderCounts, LowerQuery, Message, Metadata, OpCode, ResponseCode},
+        rr::{
+            rdata::{A, AAAA, SOA},
+            DNSClass, Name, RData, Record, RecordType,
+        },
+    },
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponseBuilder,
+};
+use tracing::debug;
+
+use crate::{
+    records::{NameState, RecordTable},
+    upstream::Question,
+    Records, Upstream,
+};
+
+/// TTL of A/AAAA answers and of negative answers under `.gstacks`: short, so
+/// that an alias change reaches clients that cache within seconds.
+pub const RECORD_TTL_SECS: u32 = 5;
+
+/// Largest UDP answer we offer over EDNS (the DNS flag day 2020 value).
+const EDNS_PAYLOAD: u16 = 1232;
+
+/// Counters of one handler (shared by all servers that use it).
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Queries answered from the record table with addresses.
+    pub answered: AtomicU64,
+    /// Existing `.gstacks` names asked for a type they do not hold.
+    pub no_data: AtomicU64,
+    /// Unknown names under `.gstacks`.
+    pub nx_domain: AtomicU64,
+    /// Queries relayed from an upstream server.
+    pub forwarded: AtomicU64,
+    /// Forwarded queries that no upstream answered (SERVFAIL).
+    pub upstream_failed: AtomicU64,
+    /// Queries refused as malformed or unsupported (FORMERR, NOTIMP,
+    /// REFUSED, BADVERS): the peer misbehaved.
+    pub rejected: AtomicU64,
+}
+
+impl DnsStats {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers `<alias>.<network>.gstacks` from [`Records`] and forwards every
+/// other name to [`Upstream`]. Owns no sockets: [`crate::DnsServer`] (or any
+/// hickory `Server`) feeds it requests.
+#[derive(Clone)]
+pub struct DnsHandler {
+    records: Records,
+    upstream: Upstream,
+    stats: Arc<DnsStats>,
+}
+
+impl DnsHandler {
+    pub fn new(records: Records, upstream: Upstream) -> Self {
+        DnsHandler {
+            records,
+            upstream,
+            stats: Arc::new(DnsStats::default()),
+        }
+    }
+
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub fn stats(&self) -> &Arc<DnsStats> {
+        &self.stats
+    }
+
+    pub(crate) fn with_upstream(&self, upstream: Upstream) -> Self {
+        DnsHandler {
+            records: self.records.clone(),
+            upstream,
+            stats: self.stats.clone(),
+        }
+    }
+
+    fn reject(&self, code: ResponseCode, why: &str, request: &Request) {
+        DnsStats::count(&self.stats.rejected);
+        debug!(src = %request.src(), id = request.metadata.id, %code, why, "DNS query rejected");
+    }
+
+    /// The local answer for a name under `.gstacks`.
+    fn answer_locally(&self, table: &RecordTable, query: &LowerQuery) -> LocalAnswer {
+        let state = table.state(query.name());
+        let (rcode, answers) = match state {
+            NameState::Unknown => {
+                DnsStats::count(&self.stats.nx_domain);
+                (ResponseCode::NXDomain, Vec::new())
+            }
+            NameState::Interior | NameState::Alias(_) => {
+                let owner = query.original().name().clone();
+                let mut answers = Vec::with_capacity(2);
+                let query_type = query.query_type();
+                if let NameState::Alias(addrs) = state {
+                    if matches!(query_type, RecordType::A | RecordType::ANY) {
+                        answers.push(Record::from_rdata(
+                            owner.clone(),
+                            RECORD_TTL_SECS,
+                            RData::A(A(addrs.ipv4)),
+                        ));
+                    }
+                    if let (RecordType::AAAA | RecordType::ANY, Some(ipv6)) =
+                        (query_type, addrs.ipv6)
+                    {
+                        answers.push(Record::from_rdata(
+                            owner.clone(),
+                            RECORD_TTL_SECS,
+                            RData::AAAA(AAAA(ipv6)),
+                        ));
+                    }
+                }
+                if query.name() == table.apex() && query_type == RecordType::SOA {
+                    answers.push(soa_record(table));
+                }
+                if answers.is_empty() {
+                    DnsStats::count(&self.stats.no_data);
+                } else {
+                    DnsStats::count(&self.stats.answered);
+                }
+                (ResponseCode::NoError, answers)
+            }
+        };
+        // Negative answers carry the zone's SOA so resolvers cache them for
+        // RECORD_TTL_SECS only (RFC 2308).
+        let soa = if answers.is_empty() {
+            vec![soa_record(table)]
+        } else {
+            Vec::new()
+        };
+        LocalAnswer {
+            rcode,
+            answers,
+            soa,
+        }
+    }
+
+    async fn forward<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        query: &LowerQuery,
+        response_edns: Option<&Edns>,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let question = Question {
+            name: query.name(),
+            query_type: query.query_type(),
+            query_class: query.query_class(),
+        };
+        let answer: Message = match self.upstream.forward(request.as_slice(), &question).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                DnsStats::count(&self.stats.upstream_failed);
+                debug!(%error, name = %query.name(), "forwarding failed, answering SERVFAIL");
+                return send_error(request, ResponseCode::ServFail, response_edns, response_handle)
+                    .await;
+            }
+        };
+        DnsStats::count(&self.stats.forwarded);
+
+        // The upstream's header with the client's id and query bits.
+        let mut metadata = answer.metadata;
+        metadata.id = request.metadata.id;
+        metadata.recursion_desired = request.metadata.recursion_desired;
+        metadata.checking_disabled = request.metadata.checking_disabled;
+        metadata.truncation = false;
+
+        // The upstream's OPT (options, DO bit) but our payload size; none if
+        // the client sent none.
+        let edns = match (response_edns, &answer.edns) {
+            (Some(ours), Some(theirs)) => {
+                let mut edns = theirs.clone();
+                edns.set_max_payload(ours.max_payload());
+                edns.set_version(0);
+                Some(edns)
+            }
+            (Some(ours), None) => Some(ours.clone()),
+            (None, _) => None,
+        };
+        let response = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build(
+            metadata,
+            answer.answers.iter(),
+            answer.authorities.iter(),
+            std::iter::empty(),
+            answer.additionals.iter(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, src = %request.src(), "cannot send the relayed DNS answer");
+                serve_failed(request)
+            }
+        }
+    }
+}
+
+struct LocalAnswer {
+    rcode: ResponseCode,
+    answers: Vec<Record>,
+    soa: Vec<Record>,
+}
+
+fn soa_record(table: &RecordTable) -> Record {
+    let apex = Name::from(table.apex().clone());
+    let mname = Name::from_ascii("ns")
+        .and_then(|ns| ns.append_domain(&apex))
+        .unwrap_or_else(|_| apex.clone());
+    let rname = Name::from_ascii("hostmaster")
+        .and_then(|host| host.append_domain(&apex))
+        .unwrap_or_else(|_| apex.clone());
+    let ttl = RECORD_TTL_SECS;
+    let soa = SOA::new(
+        mname,
+        rname,
+        table.serial(),
+        ttl as i32,
+        ttl as i32,
+        ttl as i32,
+        ttl,
+    );
+    Record::from_rdata(apex, ttl, RData::SOA(soa))
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let response_edns = match &request.edns {
+            Some(request_edns) => {
+                let mut edns = Edns::new();
+                edns.set_max_payload(request_edns.max_payload().clamp(512, EDNS_PAYLOAD));
+                edns.set_version(0);
+                edns.set_dnssec_ok(request_edns.flags().dnssec_ok);
+                if request_edns.version() > 0 {
+                    self.reject(ResponseCode::BADVERS, "EDNS version above 0", request);
+                    return send_error(
+                        request,
+                        ResponseCode::BADVERS,
+                        Some(&edns),
+                        response_handle,
+                    )
+                    .await;
+                }
+                Some(edns)
+            }
+            None => None,
+        };
+        let response_edns = response_edns.as_ref();
+
+        if request.metadata.op_code != OpCode::Query {
+            self.reject(ResponseCode::NotImp, "opcode other than QUERY", request);
+            return send_error(request, ResponseCode::NotImp, response_edns, response_handle)
+                .await;
+        }
+        let query = match request.queries.queries() {
+            [query] => query,
+            [] => {
+                self.reject(ResponseCode::FormErr, "no question", request);
+                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
+                    .await;
+            }
+            _ => {
+                self.reject(ResponseCode::FormErr, "more than one question", request);
+                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
+                    .await;
+            }
+        };
+        match query.query_type() {
+            RecordType::OPT => {
+                self.reject(ResponseCode::FormErr, "OPT as question type", request);
+                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
+                    .await;
+            }
+            RecordType::AXFR | RecordType::IXFR => {
+                self.reject(ResponseCode::Refused, "zone transfer", request);
+                return send_error(request, ResponseCode::Refused, response_edns, response_handle)
+                    .await;
+            }
+            _ => {}
+        }
+
+        let table = self.records.snapshot();
+        if !table.is_ours(query.name()) {
+            return self
+                .forward(request, query, response_edns, response_handle)
+                .await;
+        }
+        if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
+            self.reject(ResponseCode::Refused, "class other than IN under .gstacks", request);
+            return send_error(request, ResponseCode::Refused, response_edns, response_handle)
+                .await;
+        }
+
+        let answer = self.answer_locally(&table, query);
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.authoritative = true;
+        metadata.recursion_available = !self.upstream.is_empty();
+        metadata.response_code = answer.rcode;
+        let response = MessageResponseBuilder::new(&request.queries, response_edns).build(
+            metadata,
+            answer.answers.iter(),
+            std::iter::empty(),
+            answer.soa.iter(),
+            std::iter::empty(),
+        );
+        match response_handle.send_response(response).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, src = %request.src(), "cannot send the DNS answer");
+                serve_failed(request)
+            }
+        }
+    }
+}
+
+async fn send_error<R: ResponseHandler>(
+    request: &Request,
+    code: ResponseCode,
+    edns: Option<&Edns>,
+    mut response_handle: R,
+) -> ResponseInfo {
+    let response =
+        MessageResponseBuilder::new(&request.queries, edns).error_msg(&request.metadata, code);
+    match response_handle.send_response(response).await {
+        Ok(info) => info,
+        Err(error) => {
+            debug!(%error, src = %request.src(), "cannot send a DNS error answer");
+            serve_failed(request)
+        }
+    }
+}
+
+fn serve_failed(request: &Request) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+        str::FromStr,
+        sync::Mutex,
+    };
+
+    use hickory_server::{
+        net::{runtime::TokioTime, xfer::Protocol, NetError},
+        proto::{
+            op::{Message, MessageType, Query},
+            serialize::binary::BinEncoder,
+        },
+        zone_handler::MessageResponse,
+    };
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    use super::*;
+    use crate::ListenerAddrs;
+
+    /// Keeps the encoded answer instead of sending it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Option<Vec<u8>>>>);
+
+    #[async_trait::async_trait]
+    impl ResponseHandler for Captured {
+        async fn send_response<'a>(
+            &mut self,
+            response: MessageResponse<
+                '_,
+                'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+                impl Iterator<Item = &'a Record> + Send + 'a,
+            >,
+        ) -> Result<ResponseInfo, NetError> {
+            let mut bytes = Vec::new();
+            let mut encoder = BinEncoder::new(&mut bytes);
+            let info = response.destructive_emit(&mut encoder)?;
+            *self.0.lock().unwrap() = Some(bytes);
+            Ok(info)
+        }
+    }
+
+    const API_V4: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
+    const API_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    const DB_V4: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 2);
+
+    fn handler() -> DnsHandler {
+        let mut table = RecordTable::new();
+        table
+            .insert("dev", "api", ListenerAddrs::v4(API_V4).with_ipv6(API_V6))
+            .unwrap();
+        table.insert("dev", "db", ListenerAddrs::v4(DB_V4)).unwrap();
+        DnsHandler::new(Records::new(table), Upstream::none())
+    }
+
+    fn query(name: &str, query_type: RecordType) -> Message {
+        let mut message = Message::new(4242, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), query_type));
+        message
+    }
+
+    /// Runs raw bytes through the handler as hickory's server would; `None`
+    /// if hickory's parser already refuses them (the server then answers
+    /// FORMERR or nothing before our handler is called).
+    async fn ask_raw(handler: &DnsHandler, bytes: Vec<u8>) -> Option<Message> {
+        let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let request = Request::from_bytes(bytes, src, Protocol::Udp).ok()?;
+        if request.metadata.message_type == MessageType::Response {
+            return None; // dropped by hickory's server before the handler
+        }
+        let captured = Captured::default();
+        handler
+            .handle_request::<_, TokioTime>(&request, captured.clone())
+            .await;
+        let bytes = captured.0.lock().unwrap().take().expect("an answer was sent");
+        Some(Message::from_vec(&bytes).expect("the answer parses"))
+    }
+
+    async fn ask(handler: &DnsHandler, message: &Message) -> Message {
+        let answer = ask_raw(handler, message.to_vec().unwrap()).await.unwrap();
+        assert_eq!(answer.metadata.id, message.metadata.id);
+        assert_eq!(answer.metadata.message_type, MessageType::Response);
+        answer
+    }
+
+    fn addresses(answer: &Message) -> Vec<String> {
+        answer
+            .answers
+            .iter()
+            .map(|record| record.data.to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn aliases_answer_a_and_aaaa_with_a_short_ttl() {
+        let handler = handler();
+        let answer = ask(&handler, &query("API.dev.gstacks.", RecordType::A)).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
+        assert!(answer.metadata.authoritative);
+        assert!(answer.metadata.recursion_desired);
+        assert_eq!(addresses(&answer), vec![API_V4.to_string()]);
+        let record = &answer.answers[0];
+        assert_eq!(record.ttl, RECORD_TTL_SECS);
+        assert_eq!(record.name.to_string(), "API.dev.gstacks.");
+
+        let answer = ask(&handler, &query("api.dev.gstacks.", RecordType::AAAA)).await;
+        assert_eq!(addresses(&answer), vec![API_V6.to_string()]);
+
+        let answer = ask(&handler, &query("api.dev.gstacks.", RecordType::ANY)).await;
+        assert_eq!(
+            addresses(&answer),
+            vec![API_V4.to_string(), API_V6.to_string()]
+        );
+        assert_eq!(handler.stats().answered.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn existing_names_without_the_type_get_nodata_with_the_soa() {
+        let handler = handler();
+        for (name, query_type) in [
+            ("db.dev.gstacks.", RecordType::AAAA),
+            ("api.dev.gstacks.", RecordType::MX),
+            ("api.dev.gstacks.", RecordType::TXT),
+            ("dev.gstacks.", RecordType::A),
+            ("gstacks.", RecordType::A),
+        ] {
+            let answer = ask(&handler, &query(name, query_type)).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert!(answer.answers.is_empty(), "{name} {query_type}");
+            assert!(answer.metadata.authoritative);
+            assert_eq!(answer.authorities.len(), 1);
+            assert_eq!(answer.authorities[0].record_type(), RecordType::SOA);
+            assert_eq!(answer.authorities[0].ttl, RECORD_TTL_SECS);
+        }
+        assert_eq!(handler.stats().no_data.load(Ordering::Relaxed), 5);
+
+        let answer = ask(&handler, &query("gstacks.", RecordType::SOA)).await;
+        assert_eq!(answer.answers.len(), 1);
+        assert_eq!(answer.answers[0].record_type(), RecordType::SOA);
+    }
+
+    #[tokio::test]
+    async fn unknown_names_under_gstacks_get_an_authoritative_nxdomain() {
+        let handler = handler();
+        for name in [
+            "web.dev.gstacks.",
+            "api.prod.gstacks.",
+            "prod.gstacks.",
+            "x.api.dev.gstacks.",
+        ] {
+            let answer = ask(&handler, &query(name, RecordType::A)).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(answer.metadata.authoritative);
+            assert!(answer.answers.is_empty());
+            assert_eq!(answer.authorities[0].record_type(), RecordType::SOA);
+        }
+        assert_eq!(handler.stats().nx_domain.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn a_replaced_table_is_what_the_next_query_sees() {
+        let handler = handler();
+        let mut table = RecordTable::new();
+        table
+            .insert("dev", "web", ListenerAddrs::v4(Ipv4Addr::new(127, 77, 0, 9)))
+            .unwrap();
+        handler.records().replace(table);
+        let answer = ask(&handler, &query("web.dev.gstacks.", RecordType::A)).await;
+        assert_eq!(addresses(&answer), vec!["127.77.0.9".to_string()]);
+        let answer = ask(&handler, &query("api.dev.gstacks.", RecordType::A)).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[tokio::test]
+    async fn other_names_without_upstream_get_servfail() {
+        let handler = handler();
+        let answer = ask(&handler, &query("example.com.", RecordType::A)).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+        assert!(!answer.metadata.authoritative);
+        assert_eq!(handler.stats().upstream_failed.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn odd_queries_get_formerr_notimp_refused_or_badvers() {
+        let handler = handler();
+
+        let mut empty = query("api.dev.gstacks.", RecordType::A);
+        empty.queries.clear();
+        let answer = ask(&handler, &empty).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+
+        let mut two = query("api.dev.gstacks.", RecordType::A);
+        two.add_query(Query::query(
+            Name::from_str("db.dev.gstacks.").unwrap(),
+            RecordType::A,
+        ));
+        let answer = ask(&handler, &two).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+        assert!(answer.answers.is_empty());
+
+        for op_code in [OpCode::Status, OpCode::Notify, OpCode::Update] {
+            let mut message = query("api.dev.gstacks.", RecordType::A);
+            message.metadata.op_code = op_code;
+            let answer = ask(&handler, &message).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::NotImp, "{op_code:?}");
+        }
+
+        let answer = ask(&handler, &query("api.dev.gstacks.", RecordType::OPT)).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+        for query_type in [RecordType::AXFR, RecordType::IXFR] {
+            let answer = ask(&handler, &query("gstacks.", query_type)).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+            let answer = ask(&handler, &query("example.com.", query_type)).await;
+            assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+        }
+
+        let mut chaos = query("api.dev.gstacks.", RecordType::TXT);
+        let chaos_query = chaos.queries[0].clone().set_query_class(DNSClass::CH).clone();
+        chaos.queries = vec![chaos_query];
+        let answer = ask(&handler, &chaos).await;
+        assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+
+        let mut future_edns = query("api.dev.gstacks.", RecordType::A);
+        let mut edns = Edns::new();
+        edns.set_version(1);
+        future_edns.set_edns(edns);
+        let answer = ask(&handler, &future_edns).await;
+        // 16 is BADVERS in an OPT (the decoder names it BADSIG, same value).
+        assert_eq!(u16::from(answer.metadata.response_code), 16);
+        assert!(answer.edns.is_some());
+
+        assert_eq!(handler.stats().rejected.load(Ordering::Relaxed), 12);
+        assert_eq!(handler.stats().answered.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn edns_queries_get_an_opt_record_back() {
+        let handler = handler();
+        let mut message = query("api.dev.gstacks.", RecordType::A);
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        edns.set_dnssec_ok(true);
+        message.set_edns(edns);
+        let answer = ask(&handler, &message).await;
+        let edns = answer.edns.as_ref().expect("an OPT record");
+        assert_eq!(edns.max_payload(), EDNS_PAYLOAD);
+        assert_eq!(edns.version(), 0);
+        assert_eq!(addresses(&answer), vec![API_V4.to_string()]);
+    }
+
+    /// Random and mutated packets: whatever hickory's parser lets through,
+    /// the handler answers with a well-formed message and never panics.
+    #[tokio::test]
+    async fn mutated_packets_never_panic_and_always_get_a_parseable_answer() {
+        let handler = handler();
+        let mut rng = StdRng::seed_from_u64(0x9_57ac);
+        let mut seeds = Vec::new();
+        for (name, query_type) in [
+            ("api.dev.gstacks.", RecordType::A),
+            ("db.dev.gstacks.", RecordType::AAAA),
+            ("nope.gstacks.", RecordType::ANY),
+        ] {
+            let mut message = query(name, query_type);
+            seeds.push(message.to_vec().unwrap());
+            message.set_edns(Edns::new());
+            seeds.push(message.to_vec().unwrap());
+        }
+        let mut handled = 0;
+        for round in 0..20_000 {
+            let mut packet = seeds[round % seeds.len()].clone();
+            match round % 4 {
+                0 => {
+                    let len = rng.random_range(0..64);
+                    packet = (0..len).map(|_| rng.random()).collect();
+                }
+                1 => packet.truncate(rng.random_range(0..packet.len())),
+                _ => {
+                    for _ in 0..rng.random_range(1..4) {
+                        let at = rng.random_range(0..packet.len());
+                        packet[at] = rng.random();
+                    }
+                }
+            }
+            if ask_raw(&handler, packet).await.is_some() {
+                handled += 1;
+            }
+        }
+        // Most mutations of the header and question still parse.
+        assert!(handled > 2_000, "only {handled} packets reached the handler");
+    }
+}

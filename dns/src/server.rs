@@ -1,0 +1,142 @@
+//! One address served over UDP and TCP by hickory's `Server` with a
+//! [`DnsHandler`].
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hickory_server::Server;
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, warn};
+
+use crate::{DnsError, DnsHandler, DnsStats, Records, Upstream};
+
+/// A TCP client that sends nothing for this long is disconnected.
+const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers queued per TCP connection.
+const TCP_RESPONSE_BUFFER: usize = 32;
+
+/// How often an ephemeral port is retried when its TCP twin is taken.
+const EPHEMERAL_ATTEMPTS: usize = 16;
+
+/// The agent DNS on one address, UDP and TCP on the same port.
+pub struct DnsServer {
+    server: Server<DnsHandler>,
+    local_addr: SocketAddr,
+    handler: DnsHandler,
+}
+
+impl std::fmt::Debug for DnsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsServer")
+            .field("local_addr", &self.local_addr)
+            .field("upstream", &self.handler.upstream().servers())
+            .finish()
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr` (port 0: one ephemeral port free for
+    /// both, see [`Self::local_addr`]) and starts serving `records`, with
+    /// other names forwarded to `upstream` (minus this address itself).
+    pub async fn bind(
+        addr: SocketAddr,
+        records: Records,
+        upstream: Upstream,
+    ) -> Result<DnsServer, DnsError> {
+        Self::bind_handler(addr, DnsHandler::new(records, upstream)).await
+    }
+
+    /// As [`Self::bind`], sharing one handler (and its counters) between the
+    /// addresses an agent serves.
+    pub async fn bind_handler(
+        addr: SocketAddr,
+        handler: DnsHandler,
+    ) -> Result<DnsServer, DnsError> {
+        let (udp, tcp) = bind_sockets(addr).await?;
+        let local_addr = udp
+            .local_addr()
+            .map_err(|source| DnsError::BindUdp { addr, source })?;
+        let handler = handler.with_upstream(handler.upstream().without(local_addr));
+        if handler.upstream().is_empty() {
+            warn!(%local_addr, "agent DNS has no upstream server: names outside .gstacks get SERVFAIL");
+        }
+        let mut server = Server::new(handler.clone());
+        server.register_socket(udp);
+        server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+        info!(%local_addr, upstream = ?handler.upstream().servers(), "agent DNS serving");
+        Ok(DnsServer {
+            server,
+            local_addr,
+            handler,
+        })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn records(&self) -> &Records {
+        self.handler.records()
+    }
+
+    pub fn stats(&self) -> &Arc<DnsStats> {
+        self.handler.stats()
+    }
+
+    /// Stops accepting queries and waits until both sockets are closed.
+    pub async fn shutdown(mut self) -> Result<(), DnsError> {
+        let addr = self.local_addr;
+        self.server
+            .shutdown_gracefully()
+            .await
+            .map_err(|error| DnsError::Serve {
+                addr,
+                message: error.to_string(),
+            })
+    }
+
+    /// Runs until a socket fails (it never ends by itself otherwise).
+    pub async fn wait(mut self) -> Result<(), DnsError> {
+        let addr = self.local_addr;
+        self.server
+            .block_until_done()
+            .await
+            .map_err(|error| DnsError::Serve {
+                addr,
+                message: error.to_string(),
+            })
+    }
+}
+
+async fn bind_sockets(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
+    let attempts = if addr.port() == 0 {
+        EPHEMERAL_ATTEMPTS
+    } else {
+        1
+    };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| DnsError::BindUdp { addr, source })?;
+        let bound = udp
+            .local_addr()
+            .map_err(|source| DnsError::BindUdp { addr, source })?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            // The kernel's free UDP port may be a busy TCP port: take another.
+            Err(source) if addr.port() == 0 && source.kind() == io::ErrorKind::AddrInUse => {
+                last_error = Some(DnsError::BindTcp {
+                    addr: bound,
+                    source,
+                });
+            }
+            Err(source) => return Err(DnsError::BindTcp { addr, source }),
+        }
+    }
+    Err(last_error.unwrap_or(DnsError::BindTcp {
+        addr,
+        source: io::Error::from(io::ErrorKind::AddrInUse),
+    }))
+}
