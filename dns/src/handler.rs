@@ -173,8 +173,13 @@ impl DnsHandler {
             Err(error) => {
                 DnsStats::count(&self.stats.upstream_failed);
                 debug!(%error, name = %query.name(), "forwarding failed, answering SERVFAIL");
-                return send_error(request, ResponseCode::ServFail, response_edns, response_handle)
-                    .await;
+                return send_error(
+                    request,
+                    ResponseCode::ServFail,
+                    response_edns,
+                    response_handle,
+                )
+                .await;
             }
         };
         DnsStats::count(&self.stats.forwarded);
@@ -273,32 +278,57 @@ impl RequestHandler for DnsHandler {
 
         if request.metadata.op_code != OpCode::Query {
             self.reject(ResponseCode::NotImp, "opcode other than QUERY", request);
-            return send_error(request, ResponseCode::NotImp, response_edns, response_handle)
-                .await;
+            return send_error(
+                request,
+                ResponseCode::NotImp,
+                response_edns,
+                response_handle,
+            )
+            .await;
         }
         let query = match request.queries.queries() {
             [query] => query,
             [] => {
                 self.reject(ResponseCode::FormErr, "no question", request);
-                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
-                    .await;
+                return send_error(
+                    request,
+                    ResponseCode::FormErr,
+                    response_edns,
+                    response_handle,
+                )
+                .await;
             }
             _ => {
                 self.reject(ResponseCode::FormErr, "more than one question", request);
-                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
-                    .await;
+                return send_error(
+                    request,
+                    ResponseCode::FormErr,
+                    response_edns,
+                    response_handle,
+                )
+                .await;
             }
         };
         match query.query_type() {
             RecordType::OPT => {
                 self.reject(ResponseCode::FormErr, "OPT as question type", request);
-                return send_error(request, ResponseCode::FormErr, response_edns, response_handle)
-                    .await;
+                return send_error(
+                    request,
+                    ResponseCode::FormErr,
+                    response_edns,
+                    response_handle,
+                )
+                .await;
             }
             RecordType::AXFR | RecordType::IXFR => {
                 self.reject(ResponseCode::Refused, "zone transfer", request);
-                return send_error(request, ResponseCode::Refused, response_edns, response_handle)
-                    .await;
+                return send_error(
+                    request,
+                    ResponseCode::Refused,
+                    response_edns,
+                    response_handle,
+                )
+                .await;
             }
             _ => {}
         }
@@ -310,9 +340,18 @@ impl RequestHandler for DnsHandler {
                 .await;
         }
         if !matches!(query.query_class(), DNSClass::IN | DNSClass::ANY) {
-            self.reject(ResponseCode::Refused, "class other than IN under .gstacks", request);
-            return send_error(request, ResponseCode::Refused, response_edns, response_handle)
-                .await;
+            self.reject(
+                ResponseCode::Refused,
+                "class other than IN under .gstacks",
+                request,
+            );
+            return send_error(
+                request,
+                ResponseCode::Refused,
+                response_edns,
+                response_handle,
+            )
+            .await;
         }
 
         let answer = self.answer_locally(&table, query);
@@ -442,7 +481,12 @@ mod tests {
         handler
             .handle_request::<_, TokioTime>(&request, captured.clone())
             .await;
-        let bytes = captured.0.lock().unwrap().take().expect("an answer was sent");
+        let bytes = captured
+            .0
+            .lock()
+            .unwrap()
+            .take()
+            .expect("an answer was sent");
         Some(Message::from_vec(&bytes).expect("the answer parses"))
     }
 
@@ -495,7 +539,11 @@ mod tests {
             ("gstacks.", RecordType::A),
         ] {
             let answer = ask(&handler, &query(name, query_type)).await;
-            assert_eq!(answer.metadata.response_code, ResponseCode::NoError, "{name}");
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::NoError,
+                "{name}"
+            );
             assert!(answer.answers.is_empty(), "{name} {query_type}");
             assert!(answer.metadata.authoritative);
             assert_eq!(answer.authorities.len(), 1);
@@ -519,7 +567,11 @@ mod tests {
             "x.api.dev.gstacks.",
         ] {
             let answer = ask(&handler, &query(name, RecordType::A)).await;
-            assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::NXDomain,
+                "{name}"
+            );
             assert!(answer.metadata.authoritative);
             assert!(answer.answers.is_empty());
             assert_eq!(answer.authorities[0].record_type(), RecordType::SOA);
@@ -532,7 +584,11 @@ mod tests {
         let handler = handler();
         let mut table = RecordTable::new();
         table
-            .insert("dev", "web", ListenerAddrs::v4(Ipv4Addr::new(127, 77, 0, 9)))
+            .insert(
+                "dev",
+                "web",
+                ListenerAddrs::v4(Ipv4Addr::new(127, 77, 0, 9)),
+            )
             .unwrap();
         handler.records().replace(table);
         let answer = ask(&handler, &query("web.dev.gstacks.", RecordType::A)).await;
@@ -572,7 +628,11 @@ mod tests {
             let mut message = query("api.dev.gstacks.", RecordType::A);
             message.metadata.op_code = op_code;
             let answer = ask(&handler, &message).await;
-            assert_eq!(answer.metadata.response_code, ResponseCode::NotImp, "{op_code:?}");
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::NotImp,
+                "{op_code:?}"
+            );
         }
 
         let answer = ask(&handler, &query("api.dev.gstacks.", RecordType::OPT)).await;
@@ -585,7 +645,10 @@ mod tests {
         }
 
         let mut chaos = query("api.dev.gstacks.", RecordType::TXT);
-        let chaos_query = chaos.queries[0].clone().set_query_class(DNSClass::CH).clone();
+        let chaos_query = chaos.queries[0]
+            .clone()
+            .set_query_class(DNSClass::CH)
+            .clone();
         chaos.queries = vec![chaos_query];
         let answer = ask(&handler, &chaos).await;
         assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
@@ -656,6 +719,9 @@ mod tests {
             }
         }
         // Most mutations of the header and question still parse.
-        assert!(handled > 2_000, "only {handled} packets reached the handler");
+        assert!(
+            handled > 2_000,
+            "only {handled} packets reached the handler"
+        );
     }
 }

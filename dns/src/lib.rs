@@ -62,7 +62,10 @@ pub enum DnsError {
     #[error("resolver configuration {} names no usable nameserver", path.display())]
     NoNameserver { path: PathBuf },
     #[error("upstream DNS server {server} did not answer within {timeout_ms} ms")]
-    UpstreamTimeout { server: SocketAddr, timeout_ms: u128 },
+    UpstreamTimeout {
+        server: SocketAddr,
+        timeout_ms: u128,
+    },
     #[error("upstream DNS server {server}: {source}")]
     UpstreamIo {
         server: SocketAddr,

@@ -193,7 +193,10 @@ fn validate_label(kind: &'static str, label: &str) -> Result<(), DnsError> {
     if label.len() > 63 {
         return fail("is longer than 63 characters");
     }
-    if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if !label
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return fail("may only hold letters, digits and hyphens");
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -293,7 +296,10 @@ mod tests {
         assert_eq!(table.state(&lower("gstacks.")), NameState::Interior);
         assert_eq!(table.state(&lower("DEV.gstacks.")), NameState::Interior);
         assert_eq!(table.state(&lower("prod.gstacks.")), NameState::Unknown);
-        assert_eq!(table.state(&lower("x.api.dev.gstacks.")), NameState::Unknown);
+        assert_eq!(
+            table.state(&lower("x.api.dev.gstacks.")),
+            NameState::Unknown
+        );
         assert_eq!(
             table.state(&lower("api.dev.gstacks.")),
             NameState::Alias(addrs(1))
@@ -310,7 +316,10 @@ mod tests {
         let mut table = RecordTable::new();
         table.insert("dev", "api", addrs(1)).unwrap();
         let err = table.insert("dev", "API", addrs(2)).unwrap_err();
-        assert_eq!(err.to_string(), "DNS record `api.dev.gstacks` is listed twice");
+        assert_eq!(
+            err.to_string(),
+            "DNS record `api.dev.gstacks` is listed twice"
+        );
         for (network, alias, needle) in [
             ("dev", "", "alias `` for a DNS name: is empty"),
             ("", "api", "network ``"),
@@ -346,7 +355,9 @@ mod tests {
 
         let clone = records.clone();
         let mut table = RecordTable::new();
-        table.insert("dev", "db", addrs(2).with_ipv6(Ipv6Addr::LOCALHOST)).unwrap();
+        table
+            .insert("dev", "db", addrs(2).with_ipv6(Ipv6Addr::LOCALHOST))
+            .unwrap();
         records.replace(table);
         assert_eq!(clone.lookup("api.dev.gstacks"), None);
         assert_eq!(

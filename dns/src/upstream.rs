@@ -112,7 +112,12 @@ impl Upstream {
     /// The same upstream without `addr`: a server must not forward to itself.
     pub(crate) fn without(&self, addr: SocketAddr) -> Self {
         Upstream {
-            servers: self.servers.iter().copied().filter(|s| *s != addr).collect(),
+            servers: self
+                .servers
+                .iter()
+                .copied()
+                .filter(|s| *s != addr)
+                .collect(),
             attempt_timeout: self.attempt_timeout,
             in_flight: self.in_flight.clone(),
         }
@@ -303,12 +308,14 @@ mod tests {
             "question does not match the query"
         );
         assert_eq!(
-            check_answer(&response(7, "example.com.", RecordType::AAAA), 7, &question)
-                .unwrap_err(),
+            check_answer(&response(7, "example.com.", RecordType::AAAA), 7, &question).unwrap_err(),
             "question does not match the query"
         );
         let mut query = Message::new(7, MessageType::Query, OpCode::Query);
-        query.add_query(Query::query(Name::from_str("example.com.").unwrap(), RecordType::A));
+        query.add_query(Query::query(
+            Name::from_str("example.com.").unwrap(),
+            RecordType::A,
+        ));
         assert_eq!(
             check_answer(&query.to_vec().unwrap(), 7, &question).unwrap_err(),
             "not a response"
@@ -344,8 +351,10 @@ mod tests {
         writeln!(file, "search example.com").unwrap();
         let err = Upstream::from_resolv_conf(file.path()).unwrap_err();
         assert!(
-            err.to_string()
-                .contains(&format!("{} names no usable nameserver", file.path().display())),
+            err.to_string().contains(&format!(
+                "{} names no usable nameserver",
+                file.path().display()
+            )),
             "{err}"
         );
         let err = Upstream::from_resolv_conf(Path::new("/nonexistent/resolv.conf")).unwrap_err();
