@@ -272,11 +272,9 @@ impl Node {
                 .get(&key)
                 .and_then(|slot| self.peers.remove(slot));
             let peer = match existing {
-                Some(mut peer)
-                    if peer
-                        .tunnel
-                        .same_settings(&config.preshared_key, config.persistent_keepalive) =>
-                {
+                Some(mut peer) if peer.tunnel.same_keys(&config.preshared_key) => {
+                    peer.tunnel
+                        .set_persistent_keepalive(config.persistent_keepalive);
                     if config.endpoint.is_some() && config.endpoint != peer.config.endpoint {
                         peer.endpoint = config.endpoint;
                     }

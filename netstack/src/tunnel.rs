@@ -257,15 +257,16 @@ impl Tunnel {
         self.slot
     }
 
-    pub(crate) fn same_settings(
-        &self,
-        preshared: &Option<PresharedKey>,
-        persistent_keepalive: Option<u16>,
-    ) -> bool {
-        let keepalive = persistent_keepalive
+    /// Whether this tunnel's keys match (a new preshared key needs a new
+    /// tunnel; everything else is updated in place).
+    pub(crate) fn same_keys(&self, preshared: &Option<PresharedKey>) -> bool {
+        &self.preshared == preshared
+    }
+
+    pub(crate) fn set_persistent_keepalive(&mut self, seconds: Option<u16>) {
+        self.persistent_keepalive = seconds
             .filter(|s| *s > 0)
             .map(|s| Duration::from_secs(u64::from(s)));
-        &self.preshared == preshared && self.persistent_keepalive == keepalive
     }
 
     /// Whether a session is usable for sending at `now`.

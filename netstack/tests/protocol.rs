@@ -634,3 +634,42 @@ fn unread_bytes_survive_the_connection_closing_on_both_sides() {
     sim.run_for(Duration::from_secs(30));
     assert_eq!(read_to_end(&mut sim, 0, client), reply);
 }
+
+#[test]
+fn changing_keepalive_keeps_the_session_and_changing_the_psk_renegotiates() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    udp_exchange(&mut sim, 0, 1, 1000, b"up");
+    assert_eq!(initiations_from(&sim, 0), 1);
+    let mut with_keepalive = sim.peer_of(1);
+    with_keepalive.persistent_keepalive = Some(5);
+    let now = sim.now;
+    sim.nodes[0]
+        .node
+        .set_peers(vec![with_keepalive.clone()], now)
+        .unwrap();
+    let a = sim.nodes[0].udp;
+    let start = sim.log.len();
+    sim.run_for(Duration::from_secs(21));
+    let keepalives = sim.log[start..]
+        .iter()
+        .filter(|d| d.from == a && d.is_keepalive())
+        .count();
+    assert_eq!(keepalives, 4, "every 5 s on the kept session");
+    assert_eq!(initiations_from(&sim, 0), 1, "no new handshake");
+
+    // A new preshared key (on both sides) needs a new handshake, which
+    // happens on the next packet.
+    let psk = netstack::PresharedKey::generate();
+    with_keepalive.preshared_key = Some(psk.clone());
+    let mut back = sim.peer_of(0);
+    back.preshared_key = Some(psk);
+    let now = sim.now;
+    sim.nodes[0]
+        .node
+        .set_peers(vec![with_keepalive], now)
+        .unwrap();
+    sim.nodes[1].node.set_peers(vec![back], now).unwrap();
+    udp_exchange(&mut sim, 0, 1, 1001, b"with the new key");
+    assert_eq!(initiations_from(&sim, 0), 2);
+}
