@@ -55,6 +55,11 @@ fn lazily_zeroed(len: usize) -> Vec<u8> {
     buffer
 }
 
+/// A connection with nothing in flight for this long is parked: smoltcp
+/// visits every socket in its set on each poll, so thousands of idle
+/// connections would otherwise slow every active one.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Listening sockets kept ready per listener; the pool is refilled before
 /// every SYN, so a burst never finds the port without a listening socket.
 const LISTEN_POOL: usize = 2;
@@ -166,6 +171,11 @@ pub struct Node {
     released: Vec<SocketHandle>,
     /// Connections we sent FIN on first (see `salvage_half_closed`).
     half_closed: Vec<SocketHandle>,
+    /// Idle connections, moved out of the socket set (see `park_idle`); a
+    /// closed placeholder without buffers keeps their handle.
+    parked: HashMap<SocketHandle, tcp::Socket<'static>>,
+    parked_by_tuple: HashMap<(IpEndpoint, IpEndpoint), SocketHandle>,
+    next_park_scan: Instant,
     epoch: Instant,
     now: Instant,
     transmits: VecDeque<Transmit>,
@@ -234,6 +244,9 @@ impl Node {
             next_ephemeral: *EPHEMERAL_PORTS.start(),
             released: Vec::new(),
             half_closed: Vec::new(),
+            parked: HashMap::new(),
+            parked_by_tuple: HashMap::new(),
+            next_park_scan: now + PARK_AFTER,
             epoch: now,
             now,
             transmits: VecDeque::new(),
@@ -450,6 +463,17 @@ impl Node {
         let ts = smol_time(self.epoch, now);
         let mut changed = false;
         loop {
+            if !self.parked.is_empty() {
+                let parked = self
+                    .device
+                    .rx
+                    .front()
+                    .and_then(|head| tcp_tuple(head))
+                    .and_then(|tuple| self.parked_by_tuple.get(&tuple).copied());
+                if let Some(handle) = parked {
+                    self.unpark(handle);
+                }
+            }
             if let Some(head) = self.device.rx.front() {
                 if let Some((port, remote)) = tcp_syn(head) {
                     if self.listeners.contains_key(&port) && !self.prepare_listener(port, remote) {
@@ -485,6 +509,10 @@ impl Node {
             self.encrypt_outgoing(now);
         }
         self.encrypt_outgoing(now);
+        if now >= self.next_park_scan {
+            self.park_idle();
+            self.next_park_scan = now + PARK_AFTER;
+        }
         self.run_timers(now);
         if changed || !self.released.is_empty() {
             self.sweep_released();
@@ -612,6 +640,10 @@ impl Node {
         );
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        // ACK at the end of each pass rather than after a 10 ms timer: a
+        // pass already coalesces the ACKs of a whole batch, and no delayed
+        // ACK is ever pending on an idle connection (so it can be parked).
+        socket.set_ack_delay(None);
         socket
     }
 
@@ -678,12 +710,77 @@ impl Node {
 
     fn tcp(&self, id: SocketId) -> Option<&tcp::Socket<'static>> {
         self.meta.get(&id.0).filter(|m| !m.udp)?;
+        if let Some(parked) = self.parked.get(&id.0) {
+            return Some(parked);
+        }
         Some(self.sockets.get::<tcp::Socket>(id.0))
     }
 
+    /// The socket, back in the socket set if it was parked (every
+    /// operation that may need to send wakes it).
     fn tcp_mut(&mut self, id: SocketId) -> Option<&mut tcp::Socket<'static>> {
         self.meta.get(&id.0).filter(|m| !m.udp)?;
+        self.unpark(id.0);
         Some(self.sockets.get_mut::<tcp::Socket>(id.0))
+    }
+
+    fn unpark(&mut self, handle: SocketHandle) {
+        if let Some(socket) = self.parked.remove(&handle) {
+            if let (Some(local), Some(remote)) = (socket.local_endpoint(), socket.remote_endpoint())
+            {
+                self.parked_by_tuple.remove(&(local, remote));
+            }
+            *self.sockets.get_mut::<tcp::Socket>(handle) = socket;
+        }
+    }
+
+    /// Move established connections with nothing in flight out of the
+    /// socket set, leaving a closed placeholder (no buffers, no timers) under
+    /// their handle. An inbound segment or any socket operation brings them
+    /// back. ACKs are never delayed (see `new_tcp_socket`), so a parked
+    /// connection owes the peer nothing.
+    fn park_idle(&mut self) {
+        let candidates: Vec<SocketHandle> = self
+            .meta
+            .iter()
+            .filter(|(h, m)| {
+                !m.udp && !m.released && !m.half_closed && !self.parked.contains_key(h)
+            })
+            .map(|(h, _)| *h)
+            .filter(|h| {
+                !self
+                    .listeners
+                    .values()
+                    .any(|l| l.pool.contains(h) || l.pending.contains(h))
+            })
+            .collect();
+        for handle in candidates {
+            let socket = self.sockets.get::<tcp::Socket>(handle);
+            let idle = socket.state() == tcp::State::Established
+                && socket.send_queue() == 0
+                && socket.recv_queue() == 0;
+            let (Some(local), Some(remote)) = (socket.local_endpoint(), socket.remote_endpoint())
+            else {
+                continue;
+            };
+            if !idle {
+                continue;
+            }
+            let placeholder = tcp::Socket::new(
+                tcp::SocketBuffer::new(Vec::new()),
+                tcp::SocketBuffer::new(Vec::new()),
+            );
+            let socket =
+                std::mem::replace(self.sockets.get_mut::<tcp::Socket>(handle), placeholder);
+            self.parked.insert(handle, socket);
+            self.parked_by_tuple.insert((local, remote), handle);
+        }
+    }
+
+    /// Number of TCP connections currently parked (idle, outside the
+    /// socket set).
+    pub fn parked_connections(&self) -> usize {
+        self.parked.len()
     }
 
     /// The (local, remote) addresses of a TCP connection.
@@ -874,6 +971,7 @@ impl Node {
             return Ok(n);
         }
         let eof = meta.eof;
+        self.unpark(id.0);
         let socket = self.sockets.get_mut::<tcp::Socket>(id.0);
         let result = match socket.recv_slice(buf) {
             Ok(0) if !buf.is_empty() => {
@@ -997,7 +1095,7 @@ impl Node {
 
     /// Half-close: send FIN once the queued bytes are sent; reading continues.
     pub fn tcp_shutdown(&mut self, id: SocketId) {
-        let Some(state) = self.tcp(id).map(|s| s.state()) else {
+        let Some(state) = self.tcp_mut(id).map(|s| s.state()) else {
             return;
         };
         if state == tcp::State::CloseWait {
@@ -1187,6 +1285,9 @@ impl Node {
 
     /// Reset every connection and close every socket (the node is shutting down).
     pub fn close_all(&mut self) {
+        for socket in self.parked.values_mut() {
+            socket.abort();
+        }
         for (_, socket) in self.sockets.iter_mut() {
             match socket {
                 smoltcp::socket::Socket::Tcp(s) => s.abort(),
@@ -1243,6 +1344,43 @@ fn check_inner(packet: &[u8], allowed: &[IpNet], ours: &[IpAddr]) -> Result<(), 
         return Err(DropReason::NotForUs);
     }
     Ok(())
+}
+
+/// The (local, remote) endpoints of an inbound TCP segment.
+fn tcp_tuple(packet: &[u8]) -> Option<(IpEndpoint, IpEndpoint)> {
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket};
+    let (src, dst, payload) = match packet.first()? >> 4 {
+        4 => {
+            let p = Ipv4Packet::new_checked(packet).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            let header = usize::from(p.header_len());
+            let total = usize::from(p.total_len()).min(packet.len());
+            (
+                IpAddress::Ipv4(p.src_addr()),
+                IpAddress::Ipv4(p.dst_addr()),
+                packet.get(header..total)?,
+            )
+        }
+        6 => {
+            let p = Ipv6Packet::new_checked(packet).ok()?;
+            if p.next_header() != IpProtocol::Tcp {
+                return None;
+            }
+            (
+                IpAddress::Ipv6(p.src_addr()),
+                IpAddress::Ipv6(p.dst_addr()),
+                packet.get(40..)?,
+            )
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    Some((
+        IpEndpoint::new(dst, tcp.dst_port()),
+        IpEndpoint::new(src, tcp.src_port()),
+    ))
 }
 
 /// If `packet` is a TCP SYN (without ACK): its destination port and source.

@@ -673,3 +673,44 @@ fn changing_keepalive_keeps_the_session_and_changing_the_psk_renegotiates() {
     udp_exchange(&mut sim, 0, 1, 1001, b"with the new key");
     assert_eq!(initiations_from(&sim, 0), 2);
 }
+
+#[test]
+fn idle_connections_are_parked_and_wake_on_traffic_from_either_side() {
+    let mut sim = Sim::new(2);
+    sim.full_mesh();
+    sim.nodes[1].node.tcp_listen(80).unwrap();
+    let remote = SocketAddr::new(sim.nodes[1].v4, 80);
+    let mut pairs = Vec::new();
+    for _ in 0..50 {
+        let client = sim.connect(0, remote);
+        let server = sim.accept(1, 80);
+        pairs.push((client, server));
+    }
+    // One exchange each, then silence.
+    for (i, (client, server)) in pairs.iter().enumerate() {
+        let got = sim.transfer_some((0, *client), (1, *server), &[i as u8; 100]);
+        assert_eq!(got, vec![i as u8; 100]);
+    }
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.nodes[0].node.parked_connections(), 50);
+    assert_eq!(sim.nodes[1].node.parked_connections(), 50);
+    // Parked sockets cost nothing: no traffic, no timers (after WireGuard's
+    // own passive keepalive, 10 s after the last data).
+    sim.run_for(Duration::from_secs(15));
+    let quiet = sim.log.len();
+    sim.run_for(Duration::from_secs(60));
+    assert_eq!(sim.log.len(), quiet);
+    // Traffic wakes them: half started by the client, half by the server.
+    for (i, (client, server)) in pairs.iter().enumerate() {
+        let payload = vec![(i * 3) as u8; 3000];
+        let got = if i % 2 == 0 {
+            sim.transfer_some((0, *client), (1, *server), &payload)
+        } else {
+            sim.transfer_some((1, *server), (0, *client), &payload)
+        };
+        assert_eq!(got, payload);
+    }
+    for node in 0..2 {
+        assert_eq!(sim.nodes[node].node.status().total_drops().total(), 0);
+    }
+}

@@ -308,4 +308,37 @@ impl Sim {
         );
         received
     }
+
+    /// Send `data` from (node a, socket sa) and read exactly that many
+    /// bytes at (node b, socket sb), without closing.
+    pub fn transfer_some(
+        &mut self,
+        (a, sa): (usize, SocketId),
+        (b, sb): (usize, SocketId),
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut sent = 0;
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let ok = self.run_until(Duration::from_secs(30), |s| {
+            while sent < data.len() {
+                match s.nodes[a].node.tcp_send(sa, &data[sent..], None) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("send failed: {e}"),
+                }
+            }
+            loop {
+                match s.nodes[b].node.tcp_recv(sb, &mut buf, None) {
+                    Ok(0) => panic!("unexpected EOF"),
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("recv failed: {e}"),
+                }
+            }
+            received.len() >= data.len()
+        });
+        assert!(ok, "stalled: sent {sent}, received {}", received.len());
+        received
+    }
 }
