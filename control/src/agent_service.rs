@@ -94,11 +94,17 @@ impl AgentService for AgentApi {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let now = now_ms();
         let session = self.plane.sessions.register(&host.id, tx, now);
-        let connected = self
+        let connected = match self
             .plane
             .store
             .set_host_connected(&host.id, &telemetry, now)
-            .map_err(Status::from)?;
+        {
+            Ok(connected) => connected,
+            Err(err) => {
+                self.plane.sessions.unregister(&session, "store error");
+                return Err(err.into());
+            }
+        };
         if !connected {
             // Revoked between the credential check and now.
             self.plane.sessions.unregister(&session, "revoked");

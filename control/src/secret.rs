@@ -179,6 +179,48 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_input_never_panics_and_never_verifies() {
+        // A cheap stand-in for a fuzzer: every short mix of the characters
+        // that matter to the parser, plus pseudo-random bytes.
+        let alphabet = [
+            "gsth", "gstp", "gsto", ".", "_", "a", "", "\u{0}", "é", "hst_1",
+        ];
+        let hash = Secret::generate(SecretKind::HostCredential, "hst_1").hash();
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    for d in alphabet {
+                        let input = format!("{a}{b}{c}{d}");
+                        for kind in [
+                            SecretKind::Operator,
+                            SecretKind::Provisioning,
+                            SecretKind::HostCredential,
+                        ] {
+                            let _ = secret_id(kind, &input);
+                        }
+                        assert!(!verify_secret(&input, &hash));
+                    }
+                }
+            }
+        }
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..2000 {
+            let len = (state % 97) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % 128) as u8
+                })
+                .collect();
+            let input = String::from_utf8_lossy(&bytes);
+            let _ = secret_id(SecretKind::HostCredential, &input);
+            assert!(!verify_secret(&input, &hash));
+        }
+    }
+
+    #[test]
     fn bearer_header_is_read() {
         let mut md = tonic::metadata::MetadataMap::new();
         assert_eq!(bearer(&md), None);
