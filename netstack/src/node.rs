@@ -106,7 +106,7 @@ pub struct Transmit {
 
 /// A TCP or UDP socket of a [`Node`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SocketId(SocketHandle);
+pub struct SocketId(u64);
 
 /// How far an outgoing TCP connection got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,15 +126,17 @@ struct Peer {
 
 struct Listener {
     /// Sockets in the Listen state.
-    pool: Vec<SocketHandle>,
+    pool: Vec<SocketId>,
     /// Sockets that left the Listen state and are not accepted yet.
-    pending: VecDeque<SocketHandle>,
+    pending: VecDeque<SocketId>,
     /// Tasks waiting in `accept` (several may wait on one listener).
     wakers: Vec<Waker>,
 }
 
 #[derive(Default)]
 struct SocketMeta {
+    /// Where the socket sits in smoltcp's set; `None` while parked.
+    handle: Option<SocketHandle>,
     /// The handle was dropped: remove the socket once it is closed.
     released: bool,
     local_port: Option<u16>,
@@ -164,17 +166,18 @@ pub struct Node {
     iface: Interface,
     device: IpQueue,
     sockets: SocketSet<'static>,
-    meta: HashMap<SocketHandle, SocketMeta>,
+    meta: HashMap<SocketId, SocketMeta>,
+    next_socket_id: u64,
     listeners: HashMap<u16, Listener>,
-    ephemeral_in_use: HashMap<u16, SocketHandle>,
+    ephemeral_in_use: HashMap<u16, SocketId>,
     next_ephemeral: u16,
-    released: Vec<SocketHandle>,
+    released: Vec<SocketId>,
     /// Connections we sent FIN on first (see `salvage_half_closed`).
-    half_closed: Vec<SocketHandle>,
+    half_closed: Vec<SocketId>,
     /// Idle connections, moved out of the socket set (see `park_idle`); a
     /// closed placeholder without buffers keeps their handle.
-    parked: HashMap<SocketHandle, tcp::Socket<'static>>,
-    parked_by_tuple: HashMap<(IpEndpoint, IpEndpoint), SocketHandle>,
+    parked: HashMap<SocketId, tcp::Socket<'static>>,
+    parked_by_tuple: HashMap<(IpEndpoint, IpEndpoint), SocketId>,
     next_park_scan: Instant,
     epoch: Instant,
     now: Instant,
@@ -239,6 +242,7 @@ impl Node {
             device,
             sockets: SocketSet::new(Vec::new()),
             meta: HashMap::new(),
+            next_socket_id: 1,
             listeners: HashMap::new(),
             ephemeral_in_use: HashMap::new(),
             next_ephemeral: *EPHEMERAL_PORTS.start(),
@@ -668,16 +672,48 @@ impl Node {
         socket
             .connect(self.iface.context(), remote, SocketAddr::new(local, port))
             .map_err(|e| NetstackError::Connect(remote, e.to_string()))?;
-        let handle = self.sockets.add(socket);
-        self.ephemeral_in_use.insert(port, handle);
-        self.meta.insert(
-            handle,
+        let id = self.add_socket(
+            smoltcp::socket::Socket::Tcp(socket),
             SocketMeta {
                 local_port: Some(port),
                 ..SocketMeta::default()
             },
         );
-        Ok(SocketId(handle))
+        self.ephemeral_in_use.insert(port, id);
+        Ok(id)
+    }
+
+    /// Put a socket in smoltcp's set under a new, stable id.
+    fn add_socket(
+        &mut self,
+        socket: smoltcp::socket::Socket<'static>,
+        mut meta: SocketMeta,
+    ) -> SocketId {
+        let id = SocketId(self.next_socket_id);
+        self.next_socket_id += 1;
+        meta.handle = Some(self.sockets.add(socket));
+        self.meta.insert(id, meta);
+        id
+    }
+
+    /// Forget a socket entirely.
+    fn remove_socket(&mut self, id: SocketId) -> Option<SocketMeta> {
+        let meta = self.meta.remove(&id)?;
+        if let Some(handle) = meta.handle {
+            self.sockets.remove(handle);
+        }
+        if let Some(socket) = self.parked.remove(&id) {
+            if let (Some(local), Some(remote)) = (socket.local_endpoint(), socket.remote_endpoint())
+            {
+                self.parked_by_tuple.remove(&(local, remote));
+            }
+        }
+        Some(meta)
+    }
+
+    /// The state of a TCP socket (Closed if there is no such socket).
+    fn tcp_state(&self, id: SocketId) -> tcp::State {
+        self.tcp(id).map_or(tcp::State::Closed, |s| s.state())
     }
 
     fn ephemeral_port(&mut self) -> Result<u16, NetstackError> {
@@ -709,52 +745,53 @@ impl Node {
     }
 
     fn tcp(&self, id: SocketId) -> Option<&tcp::Socket<'static>> {
-        self.meta.get(&id.0).filter(|m| !m.udp)?;
-        if let Some(parked) = self.parked.get(&id.0) {
-            return Some(parked);
+        let meta = self.meta.get(&id).filter(|m| !m.udp)?;
+        match meta.handle {
+            Some(handle) => Some(self.sockets.get::<tcp::Socket>(handle)),
+            None => self.parked.get(&id),
         }
-        Some(self.sockets.get::<tcp::Socket>(id.0))
     }
 
     /// The socket, back in the socket set if it was parked (every
     /// operation that may need to send wakes it).
     fn tcp_mut(&mut self, id: SocketId) -> Option<&mut tcp::Socket<'static>> {
-        self.meta.get(&id.0).filter(|m| !m.udp)?;
-        self.unpark(id.0);
-        Some(self.sockets.get_mut::<tcp::Socket>(id.0))
+        self.meta.get(&id).filter(|m| !m.udp)?;
+        self.unpark(id);
+        let handle = self.meta.get(&id)?.handle?;
+        Some(self.sockets.get_mut::<tcp::Socket>(handle))
     }
 
-    fn unpark(&mut self, handle: SocketHandle) {
-        if let Some(socket) = self.parked.remove(&handle) {
+    fn unpark(&mut self, id: SocketId) {
+        if let Some(socket) = self.parked.remove(&id) {
             if let (Some(local), Some(remote)) = (socket.local_endpoint(), socket.remote_endpoint())
             {
                 self.parked_by_tuple.remove(&(local, remote));
             }
-            *self.sockets.get_mut::<tcp::Socket>(handle) = socket;
+            let handle = self.sockets.add(socket);
+            if let Some(meta) = self.meta.get_mut(&id) {
+                meta.handle = Some(handle);
+            }
         }
     }
 
-    /// Move established connections with nothing in flight out of the
-    /// socket set, leaving a closed placeholder (no buffers, no timers) under
-    /// their handle. An inbound segment or any socket operation brings them
-    /// back. ACKs are never delayed (see `new_tcp_socket`), so a parked
-    /// connection owes the peer nothing.
+    /// Move established connections with nothing in flight out of smoltcp's
+    /// socket set, which smoltcp walks on every poll. An inbound segment
+    /// (found by its 4-tuple) or any socket operation brings them back.
+    /// ACKs are never delayed (see `new_tcp_socket`), so a parked
+    /// connection owes the peer nothing and has no timer running.
     fn park_idle(&mut self) {
-        let candidates: Vec<SocketHandle> = self
+        let waiting: std::collections::HashSet<SocketId> = self
+            .listeners
+            .values()
+            .flat_map(|l| l.pool.iter().chain(l.pending.iter()).copied())
+            .collect();
+        let candidates: Vec<(SocketId, SocketHandle)> = self
             .meta
             .iter()
-            .filter(|(h, m)| {
-                !m.udp && !m.released && !m.half_closed && !self.parked.contains_key(h)
-            })
-            .map(|(h, _)| *h)
-            .filter(|h| {
-                !self
-                    .listeners
-                    .values()
-                    .any(|l| l.pool.contains(h) || l.pending.contains(h))
-            })
+            .filter(|(id, m)| !m.udp && !m.released && !m.half_closed && !waiting.contains(id))
+            .filter_map(|(id, m)| m.handle.map(|h| (*id, h)))
             .collect();
-        for handle in candidates {
+        for (id, handle) in candidates {
             let socket = self.sockets.get::<tcp::Socket>(handle);
             let idle = socket.state() == tcp::State::Established
                 && socket.send_queue() == 0
@@ -766,14 +803,13 @@ impl Node {
             if !idle {
                 continue;
             }
-            let placeholder = tcp::Socket::new(
-                tcp::SocketBuffer::new(Vec::new()),
-                tcp::SocketBuffer::new(Vec::new()),
-            );
-            let socket =
-                std::mem::replace(self.sockets.get_mut::<tcp::Socket>(handle), placeholder);
-            self.parked.insert(handle, socket);
-            self.parked_by_tuple.insert((local, remote), handle);
+            if let smoltcp::socket::Socket::Tcp(socket) = self.sockets.remove(handle) {
+                self.parked.insert(id, socket);
+                self.parked_by_tuple.insert((local, remote), id);
+                if let Some(meta) = self.meta.get_mut(&id) {
+                    meta.handle = None;
+                }
+            }
         }
     }
 
@@ -812,14 +848,12 @@ impl Node {
         Ok(())
     }
 
-    fn new_listen_socket(&mut self, port: u16) -> Result<SocketHandle, NetstackError> {
+    fn new_listen_socket(&mut self, port: u16) -> Result<SocketId, NetstackError> {
         let mut socket = Self::new_tcp_socket();
         socket
             .listen(IpListenEndpoint { addr: None, port })
             .map_err(|_| NetstackError::PortInUse(port))?;
-        let handle = self.sockets.add(socket);
-        self.meta.insert(handle, SocketMeta::default());
-        Ok(handle)
+        Ok(self.add_socket(smoltcp::socket::Socket::Tcp(socket), SocketMeta::default()))
     }
 
     /// Before a SYN for `port` from `remote` reaches the stack: move pool
@@ -834,7 +868,7 @@ impl Node {
         let mut i = 0;
         while i < listener.pool.len() {
             let handle = listener.pool[i];
-            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            if self.tcp_state(handle) == tcp::State::Listen {
                 i += 1;
             } else {
                 listener.pool.swap_remove(i);
@@ -842,10 +876,12 @@ impl Node {
             }
         }
         for handle in &listener.pending {
-            let socket = self.sockets.get::<tcp::Socket>(*handle);
-            if socket.state() == tcp::State::SynReceived && socket.remote_endpoint() == Some(remote)
-            {
-                fresh = false;
+            if let Some(socket) = self.tcp(*handle) {
+                if socket.state() == tcp::State::SynReceived
+                    && socket.remote_endpoint() == Some(remote)
+                {
+                    fresh = false;
+                }
             }
         }
         if fresh && listener.pending.len() < ACCEPT_BACKLOG {
@@ -872,7 +908,7 @@ impl Node {
         let mut i = 0;
         while i < listener.pool.len() {
             let handle = listener.pool[i];
-            if self.sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            if self.tcp_state(handle) == tcp::State::Listen {
                 i += 1;
             } else {
                 listener.pool.swap_remove(i);
@@ -882,17 +918,19 @@ impl Node {
         let mut found = None;
         let mut keep = VecDeque::with_capacity(listener.pending.len());
         while let Some(handle) = listener.pending.pop_front() {
-            let socket = self.sockets.get::<tcp::Socket>(handle);
-            match socket.state() {
+            let state = self.tcp_state(handle);
+            match state {
                 tcp::State::SynReceived | tcp::State::Listen => keep.push_back(handle),
                 tcp::State::Closed => {
-                    self.sockets.remove(handle);
-                    self.meta.remove(&handle);
+                    self.remove_socket(handle);
                 }
                 _ if found.is_none() => {
-                    let remote = socket.remote_endpoint().map(SocketAddr::from);
+                    let remote = self
+                        .tcp(handle)
+                        .and_then(|s| s.remote_endpoint())
+                        .map(SocketAddr::from);
                     match remote {
-                        Some(remote) => found = Some((SocketId(handle), remote)),
+                        Some(remote) => found = Some((handle, remote)),
                         None => keep.push_back(handle),
                     }
                 }
@@ -921,28 +959,31 @@ impl Node {
     pub fn tcp_unlisten(&mut self, port: u16) {
         if let Some(listener) = self.listeners.remove(&port) {
             for handle in listener.pool.into_iter().chain(listener.pending) {
-                self.sockets.get_mut::<tcp::Socket>(handle).abort();
+                if let Some(socket) = self.tcp_mut(handle) {
+                    socket.abort();
+                }
                 self.release_handle(handle);
             }
         }
     }
 
     fn wake_acceptors(&mut self) {
-        for listener in self.listeners.values_mut() {
-            if listener.wakers.is_empty() {
-                continue;
-            }
-            let ready = listener
-                .pool
-                .iter()
-                .chain(listener.pending.iter())
-                .any(|h| {
+        let ready: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| !l.wakers.is_empty())
+            .filter(|(_, l)| {
+                l.pool.iter().chain(l.pending.iter()).any(|h| {
                     !matches!(
-                        self.sockets.get::<tcp::Socket>(*h).state(),
+                        self.tcp_state(*h),
                         tcp::State::Listen | tcp::State::SynReceived
                     )
-                });
-            if ready {
+                })
+            })
+            .map(|(port, _)| *port)
+            .collect();
+        for port in ready {
+            if let Some(listener) = self.listeners.get_mut(&port) {
                 for waker in listener.wakers.drain(..) {
                     waker.wake();
                 }
@@ -960,7 +1001,7 @@ impl Node {
     ) -> io::Result<usize> {
         let meta = self
             .meta
-            .get_mut(&id.0)
+            .get_mut(&id)
             .filter(|m| !m.udp)
             .ok_or_else(closed)?;
         if !meta.salvaged.is_empty() {
@@ -971,8 +1012,7 @@ impl Node {
             return Ok(n);
         }
         let eof = meta.eof;
-        self.unpark(id.0);
-        let socket = self.sockets.get_mut::<tcp::Socket>(id.0);
+        let socket = self.tcp_mut(id).ok_or_else(closed)?;
         let result = match socket.recv_slice(buf) {
             Ok(0) if !buf.is_empty() => {
                 if socket.state() == tcp::State::Closed {
@@ -1001,7 +1041,7 @@ impl Node {
             },
         };
         if matches!(result, Ok(0)) && !buf.is_empty() {
-            if let Some(meta) = self.meta.get_mut(&id.0) {
+            if let Some(meta) = self.meta.get_mut(&id) {
                 meta.eof = true;
             }
         }
@@ -1010,11 +1050,15 @@ impl Node {
 
     /// Move the unread bytes of a connection whose peer has sent FIN out of
     /// the smoltcp socket, before smoltcp discards them on closing.
-    fn salvage(&mut self, handle: SocketHandle) {
-        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        let Some(meta) = self.meta.get_mut(&handle) else {
+    fn salvage(&mut self, id: SocketId) {
+        self.unpark(id);
+        let Some(meta) = self.meta.get_mut(&id) else {
             return;
         };
+        let Some(handle) = meta.handle else {
+            return;
+        };
+        let socket = self.sockets.get_mut::<tcp::Socket>(handle);
         while let Ok(n) = socket.recv(|data| {
             meta.salvaged.extend(data.iter().copied());
             (data.len(), data.len())
@@ -1037,7 +1081,7 @@ impl Node {
                 .meta
                 .get(&handle)
                 .filter(|m| m.half_closed && !m.released)
-                .map(|_| self.sockets.get::<tcp::Socket>(handle).state());
+                .map(|_| self.tcp_state(handle));
             match state {
                 Some(tcp::State::TimeWait | tcp::State::Closing) => {
                     self.salvage(handle);
@@ -1101,11 +1145,11 @@ impl Node {
         if state == tcp::State::CloseWait {
             // The peer already sent FIN: once it acknowledges ours, smoltcp
             // closes the socket and drops what we have not read yet.
-            self.salvage(id.0);
-        } else if let Some(meta) = self.meta.get_mut(&id.0) {
+            self.salvage(id);
+        } else if let Some(meta) = self.meta.get_mut(&id) {
             if !meta.half_closed {
                 meta.half_closed = true;
-                self.half_closed.push(id.0);
+                self.half_closed.push(id);
             }
         }
         if let Some(socket) = self.tcp_mut(id) {
@@ -1134,10 +1178,10 @@ impl Node {
         socket.set_timeout(Some(smoltcp::time::Duration::from_micros(
             LINGER.as_micros() as u64,
         )));
-        self.release_handle(id.0);
+        self.release_handle(id);
     }
 
-    fn release_handle(&mut self, handle: SocketHandle) {
+    fn release_handle(&mut self, handle: SocketId) {
         if let Some(meta) = self.meta.get_mut(&handle) {
             if !meta.released {
                 meta.released = true;
@@ -1153,8 +1197,7 @@ impl Node {
             let done = self.socket_finished(handle);
             if done {
                 self.released.swap_remove(i);
-                self.sockets.remove(handle);
-                if let Some(port) = self.meta.remove(&handle).and_then(|m| m.local_port) {
+                if let Some(port) = self.remove_socket(handle).and_then(|m| m.local_port) {
                     self.ephemeral_in_use.remove(&port);
                 }
             } else {
@@ -1163,11 +1206,11 @@ impl Node {
         }
     }
 
-    fn socket_finished(&self, handle: SocketHandle) -> bool {
+    fn socket_finished(&self, handle: SocketId) -> bool {
         match self.meta.get(&handle) {
             Some(meta) if meta.udp => true,
             Some(_) => matches!(
-                self.sockets.get::<tcp::Socket>(handle).state(),
+                self.tcp_state(handle),
                 tcp::State::Closed | tcp::State::TimeWait
             ),
             None => true,
@@ -1198,20 +1241,18 @@ impl Node {
         socket
             .bind(IpListenEndpoint { addr: None, port })
             .map_err(|_| NetstackError::PortInUse(port))?;
-        let handle = self.sockets.add(socket);
-        self.meta.insert(
-            handle,
+        Ok(self.add_socket(
+            smoltcp::socket::Socket::Udp(socket),
             SocketMeta {
                 udp: true,
                 ..SocketMeta::default()
             },
-        );
-        Ok(SocketId(handle))
+        ))
     }
 
     fn udp_mut(&mut self, id: SocketId) -> Option<&mut udp::Socket<'static>> {
-        self.meta.get(&id.0).filter(|m| m.udp)?;
-        Some(self.sockets.get_mut::<udp::Socket>(id.0))
+        let handle = self.meta.get(&id).filter(|m| m.udp)?.handle?;
+        Some(self.sockets.get_mut::<udp::Socket>(handle))
     }
 
     /// Queue one datagram. `WouldBlock` when the send buffer is full.
@@ -1279,7 +1320,7 @@ impl Node {
     pub fn udp_release(&mut self, id: SocketId) {
         if let Some(socket) = self.udp_mut(id) {
             socket.close();
-            self.release_handle(id.0);
+            self.release_handle(id);
         }
     }
 
