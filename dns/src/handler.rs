@@ -1,22 +1,33 @@
 //! The hickory-server `RequestHandler`: `.gstacks` from the live table,
 //! everything else relayed from the upstream resolvers.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc,
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
 };
 
 use hickory_server::{
-    net::runtime::Time,
+    net::{
+        runtime::{Time, TokioTime},
+        xfer::Protocol,
+        NetError,
+    },
     proto::{
-        op::{Edns, Header, HeaderCounts, LowerQuery, Message, Metadata, OpCode, ResponseCode},
+        op::{
+            Edns, Header, HeaderCounts, LowerQuery, Message, MessageType, Metadata, OpCode,
+            ResponseCode,
+        },
         rr::{
             rdata::{A, AAAA, SOA},
             DNSClass, Name, RData, Record, RecordType,
         },
+        serialize::binary::BinEncoder,
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::MessageResponseBuilder,
+    zone_handler::{MessageResponse, MessageResponseBuilder},
 };
 use tracing::debug;
 
@@ -94,6 +105,27 @@ impl DnsHandler {
             upstream,
             stats: self.stats.clone(),
         }
+    }
+
+    /// Answers one raw UDP query without a socket, as [`crate::DnsServer`]
+    /// would (answers above the client's UDP size are truncated with TC):
+    /// `None` where the server answers before the handler is reached
+    /// (hickory's parser refuses the bytes) or drops them (a response). For
+    /// the fuzz target and for measuring the hot path.
+    pub async fn answer_datagram(&self, query: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
+        let request = Request::from_bytes(query, src, Protocol::Udp).ok()?;
+        if request.metadata.message_type == MessageType::Response {
+            return None;
+        }
+        let buffer = AnswerBuffer::default();
+        self.handle_request::<_, TokioTime>(&request, buffer.clone())
+            .await;
+        let answer = buffer
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        answer
     }
 
     fn reject(&self, code: ResponseCode, why: &str, request: &Request) {
@@ -217,6 +249,33 @@ impl DnsHandler {
                 serve_failed(request)
             }
         }
+    }
+}
+
+/// A `ResponseHandler` that keeps the encoded answer instead of sending it.
+#[derive(Clone, Default)]
+struct AnswerBuffer(Arc<Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for AnswerBuffer {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        // hickory's UDP limit: the answer's OPT payload size, else 512.
+        encoder.set_max_size(response.edns().map_or(512, Edns::max_payload));
+        let info = response.destructive_emit(&mut encoder)?;
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes);
+        Ok(info)
     }
 }
 
@@ -405,48 +464,15 @@ fn serve_failed(request: &Request) -> ResponseInfo {
 #[cfg(test)]
 mod tests {
     use std::{
-        net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+        net::{Ipv4Addr, Ipv6Addr},
         str::FromStr,
-        sync::Mutex,
     };
 
-    use hickory_server::{
-        net::{runtime::TokioTime, xfer::Protocol, NetError},
-        proto::{
-            op::{Message, MessageType, Query},
-            serialize::binary::BinEncoder,
-        },
-        zone_handler::MessageResponse,
-    };
+    use hickory_server::proto::op::Query;
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     use super::*;
     use crate::ListenerAddrs;
-
-    /// Keeps the encoded answer instead of sending it.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Option<Vec<u8>>>>);
-
-    #[async_trait::async_trait]
-    impl ResponseHandler for Captured {
-        async fn send_response<'a>(
-            &mut self,
-            response: MessageResponse<
-                '_,
-                'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-                impl Iterator<Item = &'a Record> + Send + 'a,
-            >,
-        ) -> Result<ResponseInfo, NetError> {
-            let mut bytes = Vec::new();
-            let mut encoder = BinEncoder::new(&mut bytes);
-            let info = response.destructive_emit(&mut encoder)?;
-            *self.0.lock().unwrap() = Some(bytes);
-            Ok(info)
-        }
-    }
 
     const API_V4: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
     const API_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
@@ -468,26 +494,10 @@ mod tests {
         message
     }
 
-    /// Runs raw bytes through the handler as hickory's server would; `None`
-    /// if hickory's parser already refuses them (the server then answers
-    /// FORMERR or nothing before our handler is called).
     async fn ask_raw(handler: &DnsHandler, bytes: Vec<u8>) -> Option<Message> {
         let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-        let request = Request::from_bytes(bytes, src, Protocol::Udp).ok()?;
-        if request.metadata.message_type == MessageType::Response {
-            return None; // dropped by hickory's server before the handler
-        }
-        let captured = Captured::default();
-        handler
-            .handle_request::<_, TokioTime>(&request, captured.clone())
-            .await;
-        let bytes = captured
-            .0
-            .lock()
-            .unwrap()
-            .take()
-            .expect("an answer was sent");
-        Some(Message::from_vec(&bytes).expect("the answer parses"))
+        let answer = handler.answer_datagram(bytes, src).await?;
+        Some(Message::from_vec(&answer).expect("the answer parses"))
     }
 
     async fn ask(handler: &DnsHandler, message: &Message) -> Message {
