@@ -40,6 +40,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use crate::key::{PresharedKey, PrivateKey, PublicKey};
+use crate::{NodeConfig, PeerConfig};
 
 /// A parsed wg-quick file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +274,17 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
     Read {
         file: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The file parses, but the node cannot run it as written.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A peer's `Endpoint` host name does not resolve.
+    #[error("peer {peer}: cannot resolve endpoint `{endpoint}`: {source}")]
+    Resolve {
+        peer: PublicKey,
+        endpoint: String,
         #[source]
         source: io::Error,
     },
@@ -510,6 +522,89 @@ impl WgQuickConfig {
         file.write_all(self.to_wg_quick().as_bytes())
             .map_err(write_error)?;
         file.sync_all().map_err(write_error)
+    }
+
+    /// The node's own settings: its key, its overlay addresses (the
+    /// `Address` lines: at most one IPv4 and one IPv6; their prefix lengths
+    /// do not matter to a node without routes of its own), and its UDP
+    /// listen address: `ListenPort` (0, any port, when absent) on all IPv4
+    /// addresses, or on all addresses (dual stack) when a peer's endpoint is
+    /// IPv6.
+    pub fn node_config(&self) -> Result<NodeConfig, ConfigError> {
+        let i = &self.interface;
+        let v4: Vec<IpAddr> = i
+            .addresses
+            .iter()
+            .map(IpNet::addr)
+            .filter(IpAddr::is_ipv4)
+            .collect();
+        let v6: Vec<IpAddr> = i
+            .addresses
+            .iter()
+            .map(IpNet::addr)
+            .filter(IpAddr::is_ipv6)
+            .collect();
+        if v4.is_empty() && v6.is_empty() {
+            return Err(ConfigError::Unsupported(
+                "[Interface] has no Address: the node needs an overlay address".to_owned(),
+            ));
+        }
+        for (family, list) in [("IPv4", &v4), ("IPv6", &v6)] {
+            if list.len() > 1 {
+                let shown: Vec<String> = list.iter().map(IpAddr::to_string).collect();
+                return Err(ConfigError::Unsupported(format!(
+                    "Address lists {} {family} addresses ({}): the node takes one IPv4 and one IPv6",
+                    list.len(),
+                    shown.join(", ")
+                )));
+            }
+        }
+        let v6_endpoint = self.peers.iter().any(|p| {
+            matches!(
+                p.endpoint,
+                Some(Endpoint {
+                    host: EndpointHost::Ip(IpAddr::V6(_)),
+                    ..
+                })
+            )
+        });
+        let any: IpAddr = if v6_endpoint {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        Ok(NodeConfig {
+            private_key: i.private_key.clone(),
+            addresses: v4.into_iter().chain(v6).collect(),
+            listen: SocketAddr::new(any, i.listen_port.unwrap_or(0)),
+        })
+    }
+
+    /// The peers as the node takes them. Endpoint host names are resolved
+    /// here (blocking, with the system resolver), once, as `wg setconf` does.
+    pub fn peer_configs(&self) -> Result<Vec<PeerConfig>, ConfigError> {
+        self.peers
+            .iter()
+            .map(|peer| {
+                let endpoint = match &peer.endpoint {
+                    None => None,
+                    Some(endpoint) => {
+                        Some(endpoint.resolve().map_err(|source| ConfigError::Resolve {
+                            peer: peer.public_key,
+                            endpoint: endpoint.to_string(),
+                            source,
+                        })?)
+                    }
+                };
+                Ok(PeerConfig {
+                    public_key: peer.public_key,
+                    endpoint,
+                    allowed_ips: peer.allowed_ips.iter().map(IpNet::trunc).collect(),
+                    persistent_keepalive: peer.persistent_keepalive,
+                    preshared_key: peer.preshared_key.clone(),
+                })
+            })
+            .collect()
     }
 
     fn render(&self, wg_quick: bool) -> String {
@@ -954,6 +1049,80 @@ mod tests {
         let err = WgQuickConfig::load(&missing).unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("{}: cannot read:", missing.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn converts_into_node_and_peer_configs() {
+        let text = format!(
+            "[Interface]\nPrivateKey = {PRIVATE}\nAddress = 100.64.0.1/10, fd7a::1/48\nListenPort = 51820\n\
+             [Peer]\nPublicKey = {PEER}\nPresharedKey = {PSK}\nAllowedIPs = 100.64.0.2/32, 10.1.2.3/8\n\
+             Endpoint = 192.0.2.1:51821\nPersistentKeepalive = 25\n\
+             [Peer]\nPublicKey = {PEER2}\nEndpoint = localhost:9\n"
+        );
+        let config = parse(&text).unwrap();
+        let node = config.node_config().unwrap();
+        assert_eq!(
+            node.private_key.public_key(),
+            config.interface.private_key.public_key()
+        );
+        assert_eq!(
+            node.addresses,
+            vec![
+                "100.64.0.1".parse::<IpAddr>().unwrap(),
+                "fd7a::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(node.listen, "0.0.0.0:51820".parse::<SocketAddr>().unwrap());
+        let peers = config.peer_configs().unwrap();
+        assert_eq!(peers[0].public_key.to_string(), PEER);
+        assert_eq!(peers[0].endpoint, Some("192.0.2.1:51821".parse().unwrap()));
+        assert_eq!(
+            peers[0].allowed_ips,
+            vec![
+                "100.64.0.2/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(peers[0].persistent_keepalive, Some(25));
+        assert_eq!(peers[0].preshared_key.as_ref().unwrap().to_base64(), PSK);
+        assert!(peers[1].endpoint.unwrap().ip().is_loopback());
+
+        let v6 = parse(&format!(
+            "[Interface]\nPrivateKey = {PRIVATE}\nAddress = fd7a::1\n[Peer]\nPublicKey = {PEER}\nEndpoint = [::1]:5\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            v6.node_config().unwrap().listen,
+            "[::]:0".parse::<SocketAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn conversion_refuses_what_the_node_cannot_run() {
+        let none = parse(&format!("[Interface]\nPrivateKey = {PRIVATE}\n")).unwrap();
+        assert_eq!(
+            none.node_config().unwrap_err().to_string(),
+            "[Interface] has no Address: the node needs an overlay address"
+        );
+        let two = parse(&format!(
+            "[Interface]\nPrivateKey = {PRIVATE}\nAddress = 10.0.0.1/24, 10.0.0.2/24\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            two.node_config().unwrap_err().to_string(),
+            "Address lists 2 IPv4 addresses (10.0.0.1, 10.0.0.2): the node takes one IPv4 and one IPv6"
+        );
+        let unresolvable = parse(&format!(
+            "[Interface]\nPrivateKey = {PRIVATE}\n[Peer]\nPublicKey = {PEER}\nEndpoint = no-such-host.invalid:1\n"
+        ))
+        .unwrap();
+        let err = unresolvable.peer_configs().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "peer {PEER}: cannot resolve endpoint `no-such-host.invalid:1`"
+            )),
             "{err}"
         );
     }
