@@ -1,5 +1,7 @@
 //! Shared support for the end-to-end tests in `tests/tests/`.
 
+pub mod netns;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
