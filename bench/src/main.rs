@@ -1,6 +1,8 @@
 //! `gstacks-bench`: Measure the GlobalStacks data path beside its baselines.
 
+mod results;
 mod scenario;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -21,12 +23,31 @@ enum BenchCommand {
     /// The control plane: N simulated agents connecting and heartbeating,
     /// beside the same control plane idle.
     Control(scenario::control::Options),
+    /// The mesh node: throughput, round trips, connect rate and memory
+    /// between two nodes on loopback, beside loopback TCP, onetun and
+    /// wireguard-go.
+    Netstack(scenario::netstack::Options),
+    /// (internal) Hold idle connections open for the memory figure.
+    #[command(hide = true)]
+    HoldIdle(scenario::netstack::HoldIdle),
 }
 
 fn main() -> ExitCode {
     let args: Args = proto::build_info::parse_args();
     let outcome = match args.command {
         BenchCommand::Control(options) => run_control(&options),
+        BenchCommand::Netstack(options) => scenario::netstack::run(&options).and_then(|results| {
+            println!(
+                "{}",
+                results.table(scenario::netstack::SCENARIO, &scenario::netstack::METRICS)
+            );
+            if let Some(path) = &options.json {
+                std::fs::write(path, results.to_json() + "\n")
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            Ok(())
+        }),
+        BenchCommand::HoldIdle(args) => scenario::netstack::hold_idle(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,9 @@
+//! One module per scenario. A scenario sets up each system it compares (ours
+//! and the baselines of the same run), drives its workload through each, and
+//! records figures, or the reason a baseline is unavailable. `netstack` uses
+//! the shared [`Results`](crate::results::Results) (JSON and table) and
+//! [`workload`](crate::workload) modules; later scenarios (`forward`) are
+//! siblings.
+
 pub mod control;
+pub mod netstack;

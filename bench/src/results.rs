@@ -1,0 +1,251 @@
+//! The results every scenario reports: one JSON shape for all of
+//! `gstacks-bench`, and the human-readable table with ratios to baselines.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Who was measured: our stack or one of the baselines of the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum System {
+    #[serde(rename = "gstacks")]
+    Gstacks,
+    #[serde(rename = "loopback")]
+    Loopback,
+    #[serde(rename = "onetun")]
+    Onetun,
+    #[serde(rename = "wireguard-go")]
+    WireguardGo,
+}
+
+impl System {
+    #[cfg(test)]
+    pub const ALL: [System; 4] = [
+        System::Gstacks,
+        System::Loopback,
+        System::Onetun,
+        System::WireguardGo,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Gstacks => "gstacks",
+            System::Loopback => "loopback",
+            System::Onetun => "onetun",
+            System::WireguardGo => "wireguard-go",
+        }
+    }
+}
+
+/// What was measured, with its unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    ThroughputUp,
+    ThroughputDown,
+    RttP50,
+    RttP99,
+    ConnectRate,
+    #[serde(rename = "rss_10k_idle")]
+    Rss10kIdle,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ThroughputUp => "throughput_up",
+            Metric::ThroughputDown => "throughput_down",
+            Metric::RttP50 => "rtt_p50",
+            Metric::RttP99 => "rtt_p99",
+            Metric::ConnectRate => "connect_rate",
+            Metric::Rss10kIdle => "rss_10k_idle",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::ThroughputUp | Metric::ThroughputDown => "Mbit/s",
+            Metric::RttP50 | Metric::RttP99 => "us",
+            Metric::ConnectRate => "1/s",
+            Metric::Rss10kIdle => "MiB",
+        }
+    }
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Measurement {
+    pub scenario: String,
+    pub metric: Metric,
+    pub system: System,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+/// A figure that could not be measured in this run, and why. Never replaced
+/// by an invented value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Unavailable {
+    pub scenario: String,
+    pub system: System,
+    pub metric: Option<Metric>,
+    pub reason: String,
+}
+
+/// Everything one `gstacks-bench` run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub results: Vec<Measurement>,
+    pub unavailable: Vec<Unavailable>,
+}
+
+impl Results {
+    pub fn record(&mut self, scenario: &str, system: System, metric: Metric, value: f64) {
+        self.results.push(Measurement {
+            scenario: scenario.to_owned(),
+            metric,
+            system,
+            value,
+            unit: metric.unit(),
+        });
+    }
+
+    /// Marks a whole system (metric `None`) or one metric as unavailable.
+    pub fn unavailable(
+        &mut self,
+        scenario: &str,
+        system: System,
+        metric: Option<Metric>,
+        reason: impl Into<String>,
+    ) {
+        self.unavailable.push(Unavailable {
+            scenario: scenario.to_owned(),
+            system,
+            metric,
+            reason: reason.into(),
+        });
+    }
+
+    pub fn get(&self, scenario: &str, system: System, metric: Metric) -> Option<f64> {
+        self.results
+            .iter()
+            .find(|m| m.scenario == scenario && m.system == system && m.metric == metric)
+            .map(|m| m.value)
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of numbers and strings cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The table for people: one row per metric, one column per system, then
+    /// gstacks as a ratio of each baseline.
+    pub fn table(&self, scenario: &str, metrics: &[Metric]) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>8} {:>12} {:>12} {:>12} {:>12}   gstacks vs baselines",
+            "metric", "unit", "gstacks", "loopback", "onetun", "wireguard-go"
+        );
+        for &metric in metrics {
+            let value = |system| self.get(scenario, system, metric);
+            let cell = |system| match value(system) {
+                Some(v) if v >= 100.0 => format!("{v:.0}"),
+                Some(v) => format!("{v:.1}"),
+                None => "n/a".to_owned(),
+            };
+            let mut ratios = Vec::new();
+            if let Some(ours) = value(System::Gstacks) {
+                for base in [System::Loopback, System::Onetun, System::WireguardGo] {
+                    if let Some(theirs) = value(base) {
+                        if theirs > 0.0 {
+                            ratios.push(format!("{:.2}x {}", ours / theirs, base.name()));
+                        }
+                    }
+                }
+            }
+            let _ = writeln!(
+                out,
+                "{:<16} {:>8} {:>12} {:>12} {:>12} {:>12}   {}",
+                metric.name(),
+                metric.unit(),
+                cell(System::Gstacks),
+                cell(System::Loopback),
+                cell(System::Onetun),
+                cell(System::WireguardGo),
+                ratios.join(", ")
+            );
+        }
+        for gap in self.unavailable.iter().filter(|u| u.scenario == scenario) {
+            let what = gap.metric.map(Metric::name).unwrap_or("all metrics");
+            let _ = writeln!(
+                out,
+                "unavailable: {} {}: {}",
+                gap.system.name(),
+                what,
+                gap.reason
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_shared_shape() {
+        let mut results = Results::default();
+        results.record("netstack", System::WireguardGo, Metric::Rss10kIdle, 12.5);
+        results.unavailable("netstack", System::Onetun, None, "not installed");
+        let json: serde_json::Value = serde_json::from_str(&results.to_json()).unwrap();
+        assert_eq!(
+            json["results"][0],
+            serde_json::json!({
+                "scenario": "netstack",
+                "metric": "rss_10k_idle",
+                "system": "wireguard-go",
+                "value": 12.5,
+                "unit": "MiB"
+            })
+        );
+        assert_eq!(json["unavailable"][0]["system"], "onetun");
+        assert_eq!(json["unavailable"][0]["reason"], "not installed");
+    }
+
+    #[test]
+    fn metric_names_match_serde() {
+        for metric in [
+            Metric::ThroughputUp,
+            Metric::ThroughputDown,
+            Metric::RttP50,
+            Metric::RttP99,
+            Metric::ConnectRate,
+            Metric::Rss10kIdle,
+        ] {
+            assert_eq!(
+                serde_json::to_value(metric).unwrap(),
+                serde_json::Value::from(metric.name())
+            );
+        }
+        for system in System::ALL {
+            assert_eq!(
+                serde_json::to_value(system).unwrap(),
+                serde_json::Value::from(system.name())
+            );
+        }
+    }
+
+    #[test]
+    fn table_shows_ratios_and_gaps() {
+        let mut results = Results::default();
+        results.record("netstack", System::Gstacks, Metric::ThroughputUp, 3000.0);
+        results.record("netstack", System::Loopback, Metric::ThroughputUp, 20000.0);
+        results.unavailable("netstack", System::Onetun, None, "onetun not installed");
+        let table = results.table("netstack", &[Metric::ThroughputUp]);
+        assert!(table.contains("0.15x loopback"), "{table}");
+        assert!(table.contains("n/a"), "{table}");
+        assert!(table.contains("unavailable: onetun all metrics: onetun not installed"));
+    }
+}
