@@ -4,8 +4,9 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_server::Server;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{DnsError, DnsHandler, DnsStats, Records, Upstream};
 
@@ -17,6 +18,10 @@ const TCP_RESPONSE_BUFFER: usize = 32;
 
 /// How often an ephemeral port is retried when its TCP twin is taken.
 const EPHEMERAL_ATTEMPTS: usize = 16;
+
+/// Kernel receive buffer of the UDP socket (capped by net.core.rmem_max): a
+/// burst of queries waits there instead of being dropped.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// The agent DNS on one address, UDP and TCP on the same port.
 pub struct DnsServer {
@@ -117,9 +122,7 @@ async fn bind_sockets(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsE
     };
     let mut last_error = None;
     for _ in 0..attempts {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| DnsError::BindUdp { addr, source })?;
+        let udp = bind_udp(addr).map_err(|source| DnsError::BindUdp { addr, source })?;
         let bound = udp
             .local_addr()
             .map_err(|source| DnsError::BindUdp { addr, source })?;
@@ -139,4 +142,14 @@ async fn bind_sockets(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsE
         addr,
         source: io::Error::from(io::ErrorKind::AddrInUse),
     }))
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(error) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        debug!(%error, "cannot enlarge the DNS UDP receive buffer");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }

@@ -32,7 +32,7 @@ pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Queries that may wait for upstream servers at once (each holds a socket);
 /// beyond that a forwarded query is answered SERVFAIL at once.
-pub const MAX_IN_FLIGHT: usize = 1024;
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// glibc's MAXNS: later nameserver lines are ignored by the host too.
 const MAX_SERVERS: usize = 3;

@@ -566,3 +566,58 @@ async fn dig_resolves_aliases_and_forwarded_names() {
 
     server.shutdown().await.unwrap();
 }
+
+/// A flood of forwarded queries to an upstream that never answers holds at
+/// most MAX_IN_FLIGHT upstream sockets; the rest get SERVFAIL at once, and
+/// `.gstacks` names keep answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_towards_a_silent_upstream_is_bounded() {
+    let upstream = start_upstream().await;
+    let server = start(
+        Records::new(table()),
+        Upstream::new([upstream.addr]).with_attempt_timeout(Duration::from_secs(3)),
+    )
+    .await;
+    let addr = server.local_addr();
+    let flood = 2 * dns::MAX_IN_FLIGHT;
+    let socket = Arc::new(UdpSocket::bind(loopback()).await.unwrap());
+    socket.connect(addr).await.unwrap();
+    // Answers are read while the flood goes out, so none waits in our buffer.
+    let reader = tokio::spawn({
+        let socket = socket.clone();
+        async move {
+            let mut servfail = 0;
+            let mut buf = vec![0; 65_535];
+            while servfail < flood {
+                // Past the attempt timeout with nothing more: done.
+                let Ok(received) = timeout(Duration::from_secs(6), socket.recv(&mut buf)).await
+                else {
+                    break;
+                };
+                let answer = Message::from_vec(&buf[..received.unwrap()]).unwrap();
+                assert_eq!(answer.metadata.response_code, ResponseCode::ServFail);
+                servfail += 1;
+            }
+            servfail
+        }
+    });
+    for _ in 0..flood {
+        let message = query("silent.test.", RecordType::A, false);
+        socket.send(&message.to_vec().unwrap()).await.unwrap();
+    }
+    // Local names answer while the upstream slots are all taken.
+    let answer = ask_udp(addr, &query("api.dev.gstacks.", RecordType::A, false)).await;
+    assert_eq!(addresses(&answer), vec![API_V4.to_string()]);
+
+    let servfail = reader.await.unwrap();
+    assert_eq!(servfail, flood, "every query of the flood is answered");
+    let reached = upstream.queries.load(Ordering::Relaxed);
+    println!("{servfail} of {flood} answered SERVFAIL, {reached} reached the upstream");
+    assert!(
+        reached <= dns::MAX_IN_FLIGHT,
+        "{reached} queries reached the upstream"
+    );
+    // Answers the kernel dropped on our side were still counted.
+    assert!(server.stats().upstream_failed.load(Ordering::Relaxed) as usize >= servfail);
+    server.shutdown().await.unwrap();
+}
