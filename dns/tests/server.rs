@@ -621,3 +621,29 @@ async fn a_flood_towards_a_silent_upstream_is_bounded() {
     assert!(server.stats().upstream_failed.load(Ordering::Relaxed) as usize >= servfail);
     server.shutdown().await.unwrap();
 }
+
+/// REFUSED (like SERVFAIL and NOTIMP) from one upstream moves on to the
+/// next; when all refuse, the last refusal is relayed as it came. NXDOMAIN is
+/// an answer: it stops at the first server.
+#[tokio::test]
+async fn a_refusing_upstream_hands_over_to_the_next() {
+    let first = start_upstream().await;
+    let second = start_upstream().await;
+    let server = start(
+        Records::new(table()),
+        Upstream::new([first.addr, second.addr]),
+    )
+    .await;
+    let addr = server.local_addr();
+
+    let answer = ask_udp(addr, &query("refused.test.", RecordType::A, false)).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(first.queries.load(Ordering::Relaxed), 1);
+    assert_eq!(second.queries.load(Ordering::Relaxed), 1);
+
+    let answer = ask_udp(addr, &query("missing.test.", RecordType::A, false)).await;
+    assert_eq!(answer.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(first.queries.load(Ordering::Relaxed), 2);
+    assert_eq!(second.queries.load(Ordering::Relaxed), 1);
+    server.shutdown().await.unwrap();
+}
