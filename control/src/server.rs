@@ -97,8 +97,29 @@ impl Running {
     }
 }
 
+/// Every agent stream is a file descriptor: lift the soft limit to the hard
+/// one so that thousands of agents fit (a service manager's default soft
+/// limit is often 1024). Returns the soft limit in force.
+pub fn raise_fd_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => Some(hard),
+        Err(err) => {
+            tracing::warn!(soft, hard, error = %err, "could not raise the open-files limit");
+            Some(soft)
+        }
+    }
+}
+
 /// Opens the store, prepares TLS, binds and starts serving.
 pub async fn start(options: ServeOptions) -> Result<Running> {
+    if let Some(limit) = raise_fd_limit() {
+        tracing::debug!(limit, "open-files limit");
+    }
     create_private_dir(&options.data_dir)?;
     let store = SqliteStore::open(&options.data_dir.join(STORE_FILE))?;
     let plane = ControlPlane::new(Arc::new(store), options.settings.clone());
