@@ -214,3 +214,51 @@ fn wrong_operator_token_and_login_file() {
         .unwrap();
     assert!(listed.status.success(), "{listed:?}");
 }
+
+#[test]
+fn serve_needs_a_certificate_and_uses_the_given_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tests::binary("gstacks-control"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("--tls-cert") && err.contains("--dev"), "{err}");
+
+    // A certificate from elsewhere (here: another control plane's dev
+    // certificate) is served as given, and clients that trust it connect.
+    let first = ControlPlane::start(&dir.path().join("first"));
+    let cert = first.ca_file();
+    let key = dir.path().join("first/tls/key.pem");
+    drop(first);
+    let second = ControlPlane::start_with(
+        &dir.path().join("second"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        cert.clone(),
+    );
+    assert!(!dir.path().join("second/tls").exists());
+    let clusters = second.json(&["cluster", "list"]);
+    assert_eq!(clusters[0]["id"], "cls_default");
+
+    // A key file that is not a key is named.
+    let out = std::process::Command::new(tests::binary("gstacks-control"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&cert)
+        .arg("--data-dir")
+        .arg(dir.path().join("third"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no private key"), "{err}");
+}

@@ -88,12 +88,20 @@ pub struct ControlPlane {
     /// Logs of earlier runs on the same store (restarts).
     pub earlier_logs: String,
     home: tempfile::TempDir,
+    tls_flags: Vec<String>,
+    ca_file: PathBuf,
 }
 
 impl ControlPlane {
     pub fn start(data_dir: &Path) -> ControlPlane {
+        Self::start_with(data_dir, &["--dev"], data_dir.join("tls/cert.pem"))
+    }
+
+    /// Starts with these TLS flags; clients trust `ca_file`.
+    pub fn start_with(data_dir: &Path, tls_flags: &[&str], ca_file: PathBuf) -> ControlPlane {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let (child, log) = Self::spawn(data_dir, addr);
+        let tls_flags: Vec<String> = tls_flags.iter().map(|f| (*f).to_owned()).collect();
+        let (child, log) = Self::spawn(data_dir, addr, &tls_flags);
         let token = wait_for("the first-start operator token", WAIT, || {
             log.text()
                 .lines()
@@ -108,14 +116,15 @@ impl ControlPlane {
             log,
             earlier_logs: String::new(),
             home: tempfile::tempdir().unwrap(),
+            tls_flags,
+            ca_file,
         }
     }
 
-    fn spawn(data_dir: &Path, addr: SocketAddr) -> (Child, Captured) {
+    fn spawn(data_dir: &Path, addr: SocketAddr, tls_flags: &[String]) -> (Child, Captured) {
         let mut command = Command::new(tests::binary("gstacks-control"));
+        command.arg("serve").args(tls_flags);
         command.args([
-            "serve",
-            "--dev",
             "--data-dir",
             data_dir.to_str().unwrap(),
             "--listen",
@@ -137,7 +146,7 @@ impl ControlPlane {
         kill(&mut self.child, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
         self.earlier_logs.push_str(&self.log.text());
-        let (child, log) = Self::spawn(&self.data_dir, self.addr);
+        let (child, log) = Self::spawn(&self.data_dir, self.addr, &self.tls_flags);
         assert!(
             !log.text().contains("GLOBALSTACKS_API_TOKEN="),
             "a restart must not make a new operator token"
@@ -151,7 +160,7 @@ impl ControlPlane {
     }
 
     pub fn ca_file(&self) -> PathBuf {
-        self.data_dir.join("tls/cert.pem")
+        self.ca_file.clone()
     }
 
     /// Runs `gstacks` against this control plane, with a private HOME.
