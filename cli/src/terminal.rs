@@ -48,6 +48,10 @@ fn window_size() -> Option<TerminalSize> {
         return None;
     }
     let size = rustix::termios::tcgetwinsize(stdout.as_fd()).ok()?;
+    // A pseudo-terminal nobody sized (0x0) gets the default instead.
+    if size.ws_col == 0 || size.ws_row == 0 {
+        return None;
+    }
     Some(TerminalSize {
         cols: u32::from(size.ws_col),
         rows: u32::from(size.ws_row),

@@ -123,3 +123,39 @@ fn terminal_needs_a_reason_a_connected_host_and_a_willing_agent() {
         "error: host `hst_nope` not found"
     );
 }
+
+#[test]
+fn terminal_on_a_tty_returns_output_and_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("control"));
+    let (_agent, id) = connected_agent(&cp, &dir.path().join("agent"), &[]);
+    // `script` gives the CLI a pseudo-terminal, as a person's shell would.
+    let cli = format!(
+        "{} host terminal {id} --reason 'tty e2e'",
+        tests::binary("gstacks").display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &cli, "/dev/null"])
+        .env("HOME", dir.path())
+        .env("GLOBALSTACKS_API_URL", cp.url())
+        .env("GLOBALSTACKS_API_TOKEN", &cp.operator_token)
+        .env("GLOBALSTACKS_API_CA_FILE", cp.ca_file())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo tty-$((6 * 7)); exit 7\n").unwrap();
+        // Keep stdin open until the shell has exited: a person's terminal
+        // does not end its input either.
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(7), "{out:?}");
+        assert!(text.contains("tty-42"), "{text}");
+        assert!(text.contains("host terminal trm_"), "{text}");
+    }
+}
