@@ -47,9 +47,13 @@ pub struct MeshHeader {
 pub enum Response {
     Accepted,
     /// Policy (or an unknown network/alias) refused the connection.
-    Denied { reason: String },
+    Denied {
+        reason: String,
+    },
     /// Allowed, but the target could not connect to the sandbox.
-    Unreachable { reason: String },
+    Unreachable {
+        reason: String,
+    },
 }
 
 /// Sandbox ids and tags: 1-63 bytes of ASCII letters, digits, `-`, `_`, `.`, `:`.
@@ -414,23 +418,36 @@ mod tests {
         let mut bad = good.clone();
         bad[4] = 9;
         let err = decode(&bad).await.unwrap_err();
-        assert_eq!(err.to_string(), "unsupported mesh header version 9 (this agent speaks 1)");
+        assert_eq!(
+            err.to_string(),
+            "unsupported mesh header version 9 (this agent speaks 1)"
+        );
 
         let err = decode(&good[..good.len() - 1]).await.unwrap_err();
         assert!(matches!(err, ProxyError::Truncated("header body")), "{err}");
         let err = decode(&good[..3]).await.unwrap_err();
-        assert!(matches!(err, ProxyError::Truncated("header prefix")), "{err}");
+        assert!(
+            matches!(err, ProxyError::Truncated("header prefix")),
+            "{err}"
+        );
 
         let mut bad = good.clone();
         bad[5..7].copy_from_slice(&5000u16.to_be_bytes());
         let err = decode(&bad).await.unwrap_err();
-        assert!(matches!(err, ProxyError::HeaderTooLong { len: 5007 }), "{err}");
+        assert!(
+            matches!(err, ProxyError::HeaderTooLong { len: 5007 }),
+            "{err}"
+        );
 
         // Network "Dev": not a DNS label.
         let mut bad = good.clone();
         bad[8] = b'D';
         let err = decode(&bad).await.unwrap_err();
-        assert!(err.to_string().starts_with("network name `Dev`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("mesh header: network name `Dev`"),
+            "{err}"
+        );
 
         // A label length of 64 inside the body.
         let mut bad = good.clone();
@@ -502,7 +519,11 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut decoded_ok = 0;
         for i in 0..20_000 {
-            let mut bytes = if i % 2 == 0 { good.clone() } else { local.clone() };
+            let mut bytes = if i % 2 == 0 {
+                good.clone()
+            } else {
+                local.clone()
+            };
             match rng.below(4) {
                 0 => {
                     for _ in 0..=rng.below(4) {
@@ -524,7 +545,10 @@ mod tests {
             }
             if let Ok(header) = decode(&bytes).await {
                 // Whatever decodes must be valid and re-encode identically.
-                assert_eq!(header.encode().unwrap(), bytes[..header.encode().unwrap().len()]);
+                assert_eq!(
+                    header.encode().unwrap(),
+                    bytes[..header.encode().unwrap().len()]
+                );
                 decoded_ok += 1;
             }
             let _ = Response::read_from(&mut &bytes[..]).await;

@@ -17,7 +17,9 @@ mod mesh;
 mod splice;
 
 pub use header::{MeshHeader, Response, MAGIC, MAX_HEADER, MAX_NAME, MAX_REASON, VERSION};
-pub use mesh::{accept_from_mesh, dial_over_mesh, ANSWER_TIMEOUT, HEADER_TIMEOUT, MAX_MESH_CONNECTIONS};
+pub use mesh::{
+    accept_from_mesh, dial_over_mesh, ANSWER_TIMEOUT, HEADER_TIMEOUT, MAX_MESH_CONNECTIONS,
+};
 pub use splice::{splice, Spliced, SPLICE_BUFFER};
 
 /// What went wrong on the proxy path, naming the input.
