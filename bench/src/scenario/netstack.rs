@@ -131,6 +131,29 @@ fn run_on<T: Send + 'static>(
         .map_err(|e| anyhow!("measurement task failed: {e}"))
 }
 
+/// Runs one measurement as a task (see [`run_on`]) with a deadline, so a
+/// stalled transport is reported instead of hanging the run.
+fn measured<T: Send + 'static>(
+    runtime: &Runtime,
+    system: System,
+    what: &str,
+    deadline: Duration,
+    future: impl std::future::Future<Output = std::io::Result<T>> + Send + 'static,
+) -> Result<T> {
+    eprintln!("netstack:   {} {what}", system.name());
+    let outcome = run_on(runtime, async move {
+        tokio::time::timeout(deadline, future).await
+    })?;
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(anyhow!("{e}")),
+        Err(_) => Err(anyhow!(
+            "no result within {} s (stalled)",
+            deadline.as_secs()
+        )),
+    }
+}
+
 /// Measures throughput, round trips and connect rate of one system; a
 /// failed measurement is reported unavailable with its error.
 fn measure(
@@ -140,58 +163,68 @@ fn measure(
     seconds: Duration,
     results: &mut Results,
 ) {
+    let deadline = seconds * 4 + Duration::from_secs(30);
     let d = dial.clone();
-    match run_on(runtime, async move {
+    match measured(runtime, system, "throughput up", deadline, async move {
         workload::throughput_up(&d, seconds).await
     }) {
-        Ok(Ok(v)) => results.record(SCENARIO, system, Metric::ThroughputUp, v),
-        Ok(Err(e)) => {
-            results.unavailable(SCENARIO, system, Some(Metric::ThroughputUp), e.to_string())
-        }
-        Err(e) => results.unavailable(SCENARIO, system, Some(Metric::ThroughputUp), e.to_string()),
-    }
-    let d = dial.clone();
-    match run_on(runtime, async move {
-        workload::throughput_down(&d, seconds).await
-    }) {
-        Ok(Ok(v)) => results.record(SCENARIO, system, Metric::ThroughputDown, v),
-        Ok(Err(e)) => results.unavailable(
+        Ok(v) => results.record(SCENARIO, system, Metric::ThroughputUp, v),
+        Err(e) => results.unavailable(
             SCENARIO,
             system,
-            Some(Metric::ThroughputDown),
-            e.to_string(),
+            Some(Metric::ThroughputUp),
+            format!("{e:#}"),
         ),
+    }
+    let d = dial.clone();
+    match measured(runtime, system, "throughput down", deadline, async move {
+        workload::throughput_down(&d, seconds).await
+    }) {
+        Ok(v) => results.record(SCENARIO, system, Metric::ThroughputDown, v),
         Err(e) => results.unavailable(
             SCENARIO,
             system,
             Some(Metric::ThroughputDown),
-            e.to_string(),
+            format!("{e:#}"),
         ),
     }
     let d = dial.clone();
-    match run_on(runtime, async move {
-        workload::round_trips(&d, RTT_SIZE, RTT_WARMUP, RTT_COUNT).await
-    }) {
-        Ok(Ok((p50, p99))) => {
+    match measured(
+        runtime,
+        system,
+        "round trips",
+        Duration::from_secs(120),
+        async move { workload::round_trips(&d, RTT_SIZE, RTT_WARMUP, RTT_COUNT).await },
+    ) {
+        Ok((p50, p99)) => {
             results.record(SCENARIO, system, Metric::RttP50, p50);
             results.record(SCENARIO, system, Metric::RttP99, p99);
         }
-        Ok(Err(e)) => results.unavailable(SCENARIO, system, Some(Metric::RttP50), e.to_string()),
-        Err(e) => results.unavailable(SCENARIO, system, Some(Metric::RttP50), e.to_string()),
+        Err(e) => {
+            results.unavailable(SCENARIO, system, Some(Metric::RttP50), format!("{e:#}"));
+            results.unavailable(SCENARIO, system, Some(Metric::RttP99), format!("{e:#}"));
+        }
     }
     let d = dial.clone();
-    match run_on(runtime, async move {
-        workload::connect_rate(&d, CONNECTS, CONNECT_PARALLEL).await
-    }) {
-        Ok(Ok(v)) => results.record(SCENARIO, system, Metric::ConnectRate, v),
-        Ok(Err(e)) => {
-            results.unavailable(SCENARIO, system, Some(Metric::ConnectRate), e.to_string())
-        }
-        Err(e) => results.unavailable(SCENARIO, system, Some(Metric::ConnectRate), e.to_string()),
+    match measured(
+        runtime,
+        system,
+        "connect rate",
+        Duration::from_secs(120),
+        async move { workload::connect_rate(&d, CONNECTS, CONNECT_PARALLEL).await },
+    ) {
+        Ok(v) => results.record(SCENARIO, system, Metric::ConnectRate, v),
+        Err(e) => results.unavailable(
+            SCENARIO,
+            system,
+            Some(Metric::ConnectRate),
+            format!("{e:#}"),
+        ),
     }
 }
 
 fn record_rss(system: System, rss: Result<f64>, results: &mut Results) {
+    eprintln!("netstack:   {} idle connections", system.name());
     match rss {
         Ok(mib) => results.record(SCENARIO, system, Metric::Rss10kIdle, mib),
         Err(e) => results.unavailable(SCENARIO, system, Some(Metric::Rss10kIdle), format!("{e:#}")),
@@ -317,10 +350,8 @@ fn mesh_and_onetun(
                 Ok((stream, _)) => {
                     tokio::spawn(workload::serve(stream));
                 }
-                Err(e) => {
-                    eprintln!("netstack: mesh accept failed: {e}");
-                    return;
-                }
+                // The node shut down at the end of the scenario.
+                Err(_) => return,
             }
         }
     });
