@@ -347,18 +347,13 @@ impl RequestHandler for DnsHandler {
         }
         let query = match request.queries.queries() {
             [query] => query,
-            [] => {
-                self.reject(ResponseCode::FormErr, "no question", request);
-                return send_error(
-                    request,
-                    ResponseCode::FormErr,
-                    response_edns,
-                    response_handle,
-                )
-                .await;
-            }
-            _ => {
-                self.reject(ResponseCode::FormErr, "more than one question", request);
+            queries => {
+                let why = if queries.is_empty() {
+                    "no question"
+                } else {
+                    "more than one question"
+                };
+                self.reject(ResponseCode::FormErr, why, request);
                 return send_error(
                     request,
                     ResponseCode::FormErr,

@@ -865,16 +865,7 @@ impl Node {
             return true;
         };
         let mut fresh = true;
-        let mut i = 0;
-        while i < listener.pool.len() {
-            let handle = listener.pool[i];
-            if self.tcp_state(handle) == tcp::State::Listen {
-                i += 1;
-            } else {
-                listener.pool.swap_remove(i);
-                listener.pending.push_back(handle);
-            }
-        }
+        self.move_reached_to_pending(&mut listener);
         for handle in &listener.pending {
             if let Some(socket) = self.tcp(*handle) {
                 if socket.state() == tcp::State::SynReceived
@@ -896,15 +887,9 @@ impl Node {
         fresh
     }
 
-    /// The next established connection on `port`, with the remote address.
-    /// With a waker, registers it to be woken when one arrives.
-    pub fn tcp_accept(
-        &mut self,
-        port: u16,
-        waker: Option<&Waker>,
-    ) -> Option<(SocketId, SocketAddr)> {
-        let mut listener = self.listeners.remove(&port)?;
-        // Sockets still in the pool may have been reached by SYNs since.
+    /// Moves the pool's sockets that a SYN has reached (no longer listening)
+    /// to the listener's pending queue, in the order found.
+    fn move_reached_to_pending(&self, listener: &mut Listener) {
         let mut i = 0;
         while i < listener.pool.len() {
             let handle = listener.pool[i];
@@ -915,6 +900,18 @@ impl Node {
                 listener.pending.push_back(handle);
             }
         }
+    }
+
+    /// The next established connection on `port`, with the remote address.
+    /// With a waker, registers it to be woken when one arrives.
+    pub fn tcp_accept(
+        &mut self,
+        port: u16,
+        waker: Option<&Waker>,
+    ) -> Option<(SocketId, SocketAddr)> {
+        let mut listener = self.listeners.remove(&port)?;
+        // Sockets still in the pool may have been reached by SYNs since.
+        self.move_reached_to_pending(&mut listener);
         let mut found = None;
         let mut keep = VecDeque::with_capacity(listener.pending.len());
         while let Some(handle) = listener.pending.pop_front() {
