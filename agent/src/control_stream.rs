@@ -401,6 +401,8 @@ impl ControlClient {
             protocol_version: ProtocolVersion::ProtocolVersion1 as i32,
             telemetry: Some(telemetry.current().await),
             applied_topology_version: self.applied_topology_version.load(Ordering::Relaxed),
+            // The network module fills this in once the agent has a mesh node.
+            mesh: None,
         };
         // The queue is empty: this cannot wait.
         let _ = tx.send(body(agent_message::Body::Hello(hello))).await;

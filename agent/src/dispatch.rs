@@ -38,6 +38,7 @@ pub enum CommandKind {
     TerminalInput,
     TerminalResize,
     TerminalClose,
+    NetworkDiagnose,
 }
 
 impl CommandKind {
@@ -48,6 +49,7 @@ impl CommandKind {
             command::Kind::TerminalInput(_) => Self::TerminalInput,
             command::Kind::TerminalResize(_) => Self::TerminalResize,
             command::Kind::TerminalClose(_) => Self::TerminalClose,
+            command::Kind::NetworkDiagnose(_) => Self::NetworkDiagnose,
         }
     }
 
@@ -58,6 +60,7 @@ impl CommandKind {
             Self::TerminalInput => "terminal_input",
             Self::TerminalResize => "terminal_resize",
             Self::TerminalClose => "terminal_close",
+            Self::NetworkDiagnose => "network_diagnose",
         }
     }
 }
