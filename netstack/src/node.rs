@@ -525,7 +525,8 @@ impl Node {
     }
 
     fn encrypt_outgoing(&mut self, now: Instant) {
-        while let Some(packet) = self.device.tx.pop_front() {
+        while let Some(mut packet) = self.device.tx.pop_front() {
+            retract_receive_window(&mut packet);
             let Some(dst) = inner_destination(&packet) else {
                 self.drops.add(DropReason::BadInnerPacket);
                 self.device.recycle(packet);
@@ -1359,6 +1360,57 @@ fn inner_destination(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Advertise one window unit less than smoltcp computed, in every TCP
+/// segment the stack sends except SYNs (whose window is never scaled).
+///
+/// smoltcp accepts a segment only up to the right edge of the window it
+/// advertised last (last ACK + window << shift), and it computes the window
+/// as its free buffer space rounded down to a multiple of 2^shift. When the
+/// ACK moves by a few bytes, that rounding can pull the right edge left by
+/// up to 2^shift - 1 bytes: the window shrinks (RFC 9293 3.8.6 says not to),
+/// and bytes the peer already sent into the old window now lie beyond the
+/// new one. Once the window is zero, smoltcp drops every segment whose
+/// sequence number is not exactly the next expected one, ACK field included
+/// (RFC 9293 3.10.7.4 asks receivers to still process the ACKs of such
+/// segments). Linux (and smoltcp) send their pure ACKs with SND.NXT, which
+/// after such a shrink is beyond our window: our send buffer never drains
+/// and a full-duplex connection whose receiver is blocked writing deadlocks.
+///
+/// smoltcp's right edge is `R + C - (free mod 2^shift)`, where R is the
+/// sequence number of the first unread byte (it only grows) and C the
+/// buffer size; it never falls more than 2^shift - 1 below any edge it
+/// computed before. Telling the peer one unit (2^shift bytes) less keeps
+/// every byte the peer may send, and so its SND.NXT, strictly inside what
+/// smoltcp accepts (a zero window stays zero: then the peer may send
+/// nothing beyond the ACK, which smoltcp accepts exactly). The cost is
+/// 2^shift bytes of window (8 with our buffers).
+fn retract_receive_window(packet: &mut [u8]) {
+    use smoltcp::wire::TcpPacket;
+    let segment = match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 && packet[9] == 6 => {
+            let header = usize::from(packet[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+            packet.get_mut(header..total.min(packet.len()))
+        }
+        // smoltcp puts no extension headers before TCP.
+        Some(6) if packet.len() >= 40 && packet[6] == 6 => packet.get_mut(40..),
+        _ => None,
+    };
+    let Some(mut tcp) = segment.and_then(|s| TcpPacket::new_checked(s).ok()) else {
+        return;
+    };
+    let window = tcp.window_len();
+    if window == 0 || tcp.syn() || tcp.rst() || !tcp.ack() {
+        return;
+    }
+    tcp.set_window_len(window - 1);
+    // RFC 1624 incremental update: HC' = ~(~HC + ~m + m').
+    let sum = u32::from(!tcp.checksum()) + u32::from(!window) + u32::from(window - 1);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    tcp.set_checksum(!(sum as u16));
+}
+
 /// Check a decrypted inner packet: a valid IP header, a source inside the
 /// sending peer's allowed IPs, a destination that is one of ours.
 fn check_inner(packet: &[u8], allowed: &[IpNet], ours: &[IpAddr]) -> Result<(), DropReason> {
@@ -1448,5 +1500,150 @@ fn tcp_syn(packet: &[u8]) -> Option<(u16, IpEndpoint)> {
         Some((tcp.dst_port(), IpEndpoint::new(src, tcp.src_port())))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retract_receive_window;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet,
+        Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+
+    fn segment(control: TcpControl, ack: bool, window: u16, payload: &[u8]) -> TcpRepr<'_> {
+        TcpRepr {
+            src_port: 7,
+            dst_port: 40000,
+            control,
+            seq_number: TcpSeqNumber(1_000),
+            ack_number: ack.then_some(TcpSeqNumber(2_000)),
+            window_len: window,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload,
+        }
+    }
+
+    const SRC4: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
+    const DST4: Ipv4Address = Ipv4Address::new(100, 64, 0, 2);
+    const SRC6: Ipv6Address = Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    const DST6: Ipv6Address = Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+
+    fn ipv4(tcp: &TcpRepr) -> Vec<u8> {
+        let ip = Ipv4Repr {
+            src_addr: SRC4,
+            dst_addr: DST4,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let checksums = ChecksumCapabilities::default();
+        let mut packet = Ipv4Packet::new_unchecked(&mut buf);
+        ip.emit(&mut packet, &checksums);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(packet.payload_mut()),
+            &IpAddress::Ipv4(SRC4),
+            &IpAddress::Ipv4(DST4),
+            &checksums,
+        );
+        buf
+    }
+
+    fn ipv6(tcp: &TcpRepr) -> Vec<u8> {
+        let ip = Ipv6Repr {
+            src_addr: SRC6,
+            dst_addr: DST6,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let checksums = ChecksumCapabilities::default();
+        let mut packet = Ipv6Packet::new_unchecked(&mut buf);
+        ip.emit(&mut packet);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(packet.payload_mut()),
+            &IpAddress::Ipv6(SRC6),
+            &IpAddress::Ipv6(DST6),
+            &checksums,
+        );
+        buf
+    }
+
+    /// (window, checksum valid) of an IPv4 or IPv6 packet's TCP segment.
+    fn window_of(packet: &[u8]) -> (u16, bool) {
+        if packet[0] >> 4 == 4 {
+            let ip = Ipv4Packet::new_checked(packet).unwrap();
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            let ok = tcp.verify_checksum(&IpAddress::Ipv4(SRC4), &IpAddress::Ipv4(DST4));
+            (tcp.window_len(), ok)
+        } else {
+            let ip = Ipv6Packet::new_checked(packet).unwrap();
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            let ok = tcp.verify_checksum(&IpAddress::Ipv6(SRC6), &IpAddress::Ipv6(DST6));
+            (tcp.window_len(), ok)
+        }
+    }
+
+    #[test]
+    fn acks_advertise_one_window_unit_less_with_a_valid_checksum() {
+        let payload: Vec<u8> = (0..1379u32).map(|i| (i * 7) as u8).collect();
+        for window in [1u16, 2, 0x00ff, 0x0100, 0x8000, 0xfffe, 0xffff] {
+            for data in [&[][..], &payload[..], &payload[..1]] {
+                for control in [TcpControl::None, TcpControl::Psh, TcpControl::Fin] {
+                    let tcp = segment(control, true, window, data);
+                    for mut packet in [ipv4(&tcp), ipv6(&tcp)] {
+                        let before = packet.clone();
+                        retract_receive_window(&mut packet);
+                        assert_eq!(window_of(&packet), (window - 1, true), "{tcp}");
+                        // Nothing but the window and the checksum changed.
+                        let changed: Vec<usize> = (0..packet.len())
+                            .filter(|i| packet[*i] != before[*i])
+                            .collect();
+                        assert!(changed.len() <= 4, "{changed:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn syns_resets_zero_windows_and_non_tcp_are_left_alone() {
+        let untouched = [
+            segment(TcpControl::Syn, false, 64240, &[]),
+            segment(TcpControl::Syn, true, 64240, &[]),
+            segment(TcpControl::Rst, true, 100, &[]),
+            segment(TcpControl::Rst, false, 0, &[]),
+            segment(TcpControl::None, true, 0, &[]),
+            segment(TcpControl::None, true, 0, b"probe"),
+        ];
+        for tcp in &untouched {
+            for mut packet in [ipv4(tcp), ipv6(tcp)] {
+                let before = packet.clone();
+                retract_receive_window(&mut packet);
+                assert_eq!(packet, before, "{tcp}");
+            }
+        }
+        // A UDP packet, truncated packets, garbage: unchanged, no panic.
+        let mut udp = ipv4(&segment(TcpControl::None, true, 9, b"x"));
+        udp[9] = 17;
+        let before = udp.clone();
+        retract_receive_window(&mut udp);
+        assert_eq!(udp, before);
+        let full = ipv4(&segment(TcpControl::None, true, 9, b"x"));
+        for len in 0..full.len() {
+            let mut cut = full[..len].to_vec();
+            retract_receive_window(&mut cut);
+        }
+        let mut junk = vec![0x4f; 80];
+        retract_receive_window(&mut junk);
+        let mut junk6 = vec![0x60; 30];
+        retract_receive_window(&mut junk6);
     }
 }

@@ -52,6 +52,12 @@ pub struct Sim {
     /// Every datagram any node sent, in order (lost ones included).
     pub log: Vec<Datagram>,
     pub loss: f64,
+    /// Bytes per second each node's uplink carries (`None`: unlimited).
+    /// Datagrams then leave one after another and arrive spread out, as on
+    /// a real link, instead of all a step's datagrams arriving at once.
+    pub bandwidth: Option<u64>,
+    /// When each node's uplink is free again (with `bandwidth`).
+    uplink_free: Vec<Instant>,
     rng: StdRng,
 }
 
@@ -91,6 +97,8 @@ impl Sim {
             in_flight: VecDeque::new(),
             log: Vec::new(),
             loss: 0.0,
+            bandwidth: None,
+            uplink_free: vec![start; usize::from(count)],
             rng: StdRng::seed_from_u64(7),
         }
     }
@@ -152,8 +160,17 @@ impl Sim {
             self.nodes[i].node.handle_timeout(now);
             while let Some(t) = self.nodes[i].node.poll_transmit() {
                 progress = true;
+                let mut at = now + LATENCY;
+                if let Some(rate) = self.bandwidth {
+                    let wire = Duration::from_nanos(
+                        (t.contents.len() as u64 * 1_000_000_000).div_ceil(rate.max(1)),
+                    );
+                    let done = self.uplink_free[i].max(now) + wire;
+                    self.uplink_free[i] = done;
+                    at = done + LATENCY;
+                }
                 let d = Datagram {
-                    at: now + LATENCY,
+                    at,
                     from: self.nodes[i].udp,
                     to: t.destination,
                     bytes: t.contents,
@@ -162,7 +179,9 @@ impl Sim {
                 if self.loss > 0.0 && self.rng.random_bool(self.loss) {
                     continue;
                 }
-                self.in_flight.push_back(d);
+                // Keep the wire ordered by arrival (uplinks differ in backlog).
+                let slot = self.in_flight.partition_point(|x| x.at <= d.at);
+                self.in_flight.insert(slot, d);
             }
         }
         progress
