@@ -10,6 +10,8 @@
 //! 1. The stock peer's kernel TCP client connects to our listener, sends
 //!    16 MiB, then receives 16 MiB.
 //! 2. Our node dials a kernel TCP server behind the stock peer.
+//! 3. Full duplex: the stock peer's client sends 16 MiB to our echo
+//!    listener while it reads the echo back.
 //!
 //! Each moves 16 MiB each way, checked with SHA-256.
 
@@ -430,15 +432,15 @@ fn tools_installed() {
     }
 }
 
-/// 16 MiB echoed while the client is still sending. Ignored: it deadlocks on
-/// a smoltcp behaviour the core has to work around. When our receive window
-/// closes (the echo is blocked writing), smoltcp shrinks it to 0 after Linux
-/// has sent a few bytes into it; Linux's later ACKs then carry a sequence
-/// number past our zero window, and smoltcp drops them whole, ACK field
-/// included (RFC 793 says to process ACKs of unacceptable segments), so our
-/// send buffer never drains and both ends wait forever.
+/// 16 MiB echoed while the client is still sending: our echo spends its
+/// time blocked writing, so its receive window closes while the stock peer
+/// keeps sending and keeps acknowledging the echoed bytes. This deadlocked
+/// while smoltcp's window-scale rounding could pull the right edge of our
+/// window back behind what Linux had already sent: Linux's ACKs then
+/// carried a sequence number past our zero window and smoltcp dropped them
+/// whole, ACK field included (see `retract_receive_window` in the netstack
+/// core, which advertises one window unit less so that cannot happen).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "deadlocks: smoltcp drops ACKs beyond a zero receive window (netstack core)"]
 async fn wireguard_go_echo_full_duplex_root_netns() {
     if !root_or_skip("wireguard_go_echo_full_duplex_root_netns") {
         return;
