@@ -142,10 +142,22 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
+/// Logs to stderr; `RUST_LOG` filters (default `info`). hickory's server
+/// logs every answered query at `info`: its target is held at `warn` unless
+/// `RUST_LOG` names it.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(if from_env.trim().is_empty() {
+        "info"
+    } else {
+        from_env.as_str()
+    })
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !from_env.contains("hickory_server") {
+        if let Ok(directive) = "hickory_server=warn".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -31,6 +31,13 @@ pub const CONTROL_CA_FILE: &str = "GLOBALSTACKS_CONTROL_CA_FILE";
 pub const CONTROL_FINGERPRINT: &str = "GLOBALSTACKS_CONTROL_FINGERPRINT";
 pub const MESH_DNS_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_DNS_ADDR";
 pub const MESH_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_PROXY_BIND";
+/// UDP address of the agent's mesh node (WireGuard).
+pub const MESH_LISTEN: &str = "GLOBALSTACKS_AGENT_MESH_LISTEN";
+/// `host:port` other nodes reach the mesh node on (sent in `Hello.mesh`).
+pub const MESH_ENDPOINT: &str = "GLOBALSTACKS_AGENT_MESH_ENDPOINT";
+/// The address containers reach the agent on (DNS on port 53 and the
+/// container-side alias listeners).
+pub const MESH_CONTAINER_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR";
 
 /// Every key the agent reads; a config file may hold only these.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -45,6 +52,9 @@ pub const KNOWN_KEYS: &[&str] = &[
     CONTROL_FINGERPRINT,
     MESH_DNS_ADDR,
     MESH_PROXY_BIND,
+    MESH_LISTEN,
+    MESH_ENDPOINT,
+    MESH_CONTAINER_ADDR,
 ];
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gstacks-agent";
@@ -218,6 +228,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// How `https` is verified.
     pub tls: TlsTrust,
+    /// Mesh node, agent DNS and alias listener addresses.
+    pub network: crate::network::NetworkSettings,
 }
 
 impl AgentConfig {
@@ -280,6 +292,7 @@ impl AgentConfig {
             },
             heartbeat_interval,
             tls,
+            network: crate::network::NetworkSettings::from_source(source)?,
         })
     }
 }

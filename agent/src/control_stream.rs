@@ -25,7 +25,7 @@ use std::time::Duration;
 use proto::agent_service_client::AgentServiceClient;
 use proto::{
     agent_message, control_message, AgentMessage, EnrollRequest, ErrorCode, Event, EventLevel,
-    Heartbeat, Hello, Netmap, ProtocolVersion, Telemetry,
+    Heartbeat, Hello, MeshNodeInfo, Netmap, ProtocolVersion, Telemetry,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -279,6 +279,7 @@ pub struct ControlClient {
     outbox: mpsc::Receiver<AgentMessage>,
     netmap_tx: watch::Sender<Option<Netmap>>,
     applied_topology_version: Arc<AtomicU64>,
+    mesh: Option<MeshNodeInfo>,
 }
 
 impl ControlClient {
@@ -298,7 +299,14 @@ impl ControlClient {
             outbox,
             netmap_tx,
             applied_topology_version: Arc::new(AtomicU64::new(0)),
+            mesh: None,
         }
+    }
+
+    /// The agent's mesh node (public key and endpoint), sent in every `Hello`.
+    pub fn with_mesh_node(mut self, mesh: MeshNodeInfo) -> Self {
+        self.mesh = Some(mesh);
+        self
     }
 
     /// The handle modules send events through.
@@ -401,8 +409,7 @@ impl ControlClient {
             protocol_version: ProtocolVersion::ProtocolVersion1 as i32,
             telemetry: Some(telemetry.current().await),
             applied_topology_version: self.applied_topology_version.load(Ordering::Relaxed),
-            // The network module fills this in once the agent has a mesh node.
-            mesh: None,
+            mesh: self.mesh.clone(),
         };
         // The queue is empty: this cannot wait.
         let _ = tx.send(body(agent_message::Body::Hello(hello))).await;

@@ -8,6 +8,7 @@
 //! - [`control_stream`]: enrollment and the ONE control-stream client.
 //! - [`dispatch`]: command kinds, the module registry, typed replies.
 //! - [`terminal`]: the break-glass host terminal module.
+//! - [`network`]: mesh membership, agent DNS, alias listeners, policy.
 //! - [`tls`]: a pinned-fingerprint TLS connector for the control plane.
 //! - [`run`]: `gstacks-agent run`, tying the above together.
 
@@ -18,6 +19,7 @@ pub mod control_stream;
 pub mod dispatch;
 pub mod error;
 pub mod lock;
+pub mod network;
 pub mod run;
 pub mod state;
 pub mod telemetry;

@@ -20,7 +20,7 @@ use crate::dispatch::{CommandKind, Concurrency, DispatcherBuilder, PingModule};
 use crate::error::AgentError;
 use crate::lock::ServiceLock;
 use crate::state;
-use crate::{telemetry, terminal};
+use crate::{network, telemetry, terminal};
 
 /// Exit status after revocation.
 pub const EXIT_REVOKED: u8 = 78;
@@ -96,6 +96,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     else {
         return Ok(());
     };
+    let node_key = network::node_key::load_or_create_node_key(&config.state_dir)?;
     let client = ControlClient::new(
         endpoint,
         &config.state_dir,
@@ -103,10 +104,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             heartbeat_interval: config.heartbeat_interval,
             ..ClientOptions::default()
         },
-    );
-    let result = client
-        .run(&credential, modules(&config), &host, shutdown)
-        .await;
+    )
+    .with_mesh_node(network::mesh_node_info(&node_key, &config.network));
+    let network = network::Network::start(
+        config.network.clone(),
+        credential.host_id.clone(),
+        node_key,
+        client.netmaps(),
+        client.link(),
+        client.applied_topology_version(),
+        shutdown.clone(),
+    )
+    .await?;
+    let modules =
+        modules(&config).register(network.module(), network::KINDS, Concurrency::Parallel(4));
+    let result = client.run(&credential, modules, &host, shutdown).await;
+    network.stopped().await;
     drop(lock);
     result
 }

@@ -18,9 +18,10 @@ mod splice;
 
 pub use header::{MeshHeader, Response, MAGIC, MAX_HEADER, MAX_NAME, MAX_REASON, VERSION};
 pub use mesh::{
-    accept_from_mesh, dial_over_mesh, ANSWER_TIMEOUT, HEADER_TIMEOUT, MAX_MESH_CONNECTIONS,
+    accept_from_mesh, dial_over_mesh, Admission, ANSWER_TIMEOUT, HEADER_TIMEOUT,
+    MAX_MESH_CONNECTIONS, MESH_PROXY_PORT,
 };
-pub use splice::{splice, Spliced, SPLICE_BUFFER};
+pub use splice::{splice, splice_until, Spliced, SPLICE_BUFFER};
 
 /// What went wrong on the proxy path, naming the input.
 #[derive(Debug, thiserror::Error)]

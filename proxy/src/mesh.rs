@@ -4,12 +4,37 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::fmt::Display;
+
 use netstack::{MeshNode, TcpListener, TcpStream};
-use policy::Decision;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-use crate::{splice, MeshHeader, ProxyError, Response};
+use crate::{splice_until, MeshHeader, ProxyError, Response};
+
+/// The overlay TCP port every agent serves mesh connections on.
+pub const MESH_PROXY_PORT: u16 = 4180;
+
+/// What the target agent's `resolve` admits a connection with: where the
+/// sandbox listens, and a token that ends the connection when it is
+/// cancelled (its allow rule was removed). The proxy cancels the token itself
+/// when the connection ends, so its owner can tell live connections from
+/// finished ones.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub to: SocketAddr,
+    pub revoked: CancellationToken,
+}
+
+impl From<SocketAddr> for Admission {
+    fn from(to: SocketAddr) -> Self {
+        Admission {
+            to,
+            revoked: CancellationToken::new(),
+        }
+    }
+}
 
 /// How long the target agent waits for the header of a new mesh connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,14 +73,17 @@ pub async fn dial_over_mesh(
 /// Target side: serves every connection of `listener` until the listener
 /// fails (the mesh node shut down). For each one: read the header (within
 /// [`HEADER_TIMEOUT`]), ask `resolve` with the header and the source's
-/// overlay address, then either answer the denial and close, or connect to
-/// the returned address, answer, and splice.
+/// overlay address, then either answer the denial (the error's text) and
+/// close, or connect to the admitted address, answer, and splice until
+/// either side is done or the admission is revoked.
 ///
 /// `resolve` is where the agent applies `policy::decide` against its netmap
 /// (and checks that the overlay address belongs to the claimed source).
-pub async fn accept_from_mesh<F>(listener: TcpListener, resolve: F) -> Result<(), ProxyError>
+pub async fn accept_from_mesh<F, A, E>(listener: TcpListener, resolve: F) -> Result<(), ProxyError>
 where
-    F: Fn(&MeshHeader, SocketAddr) -> Result<SocketAddr, Decision> + Send + Sync + 'static,
+    F: Fn(&MeshHeader, SocketAddr) -> Result<A, E> + Send + Sync + 'static,
+    A: Into<Admission>,
+    E: Display,
 {
     let resolve = Arc::new(resolve);
     let slots = Arc::new(Semaphore::new(MAX_MESH_CONNECTIONS));
@@ -75,17 +103,26 @@ where
     }
 }
 
-async fn serve<F>(mut stream: TcpStream, from: SocketAddr, resolve: &F) -> Result<(), ProxyError>
+async fn serve<F, A, E>(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    resolve: &F,
+) -> Result<(), ProxyError>
 where
-    F: Fn(&MeshHeader, SocketAddr) -> Result<SocketAddr, Decision>,
+    F: Fn(&MeshHeader, SocketAddr) -> Result<A, E>,
+    A: Into<Admission>,
+    E: Display,
 {
     let header = tokio::time::timeout(HEADER_TIMEOUT, MeshHeader::read_from(&mut stream))
         .await
         .map_err(|_| ProxyError::HeaderTimeout(HEADER_TIMEOUT))??;
-    let to = match resolve(&header, from) {
-        Ok(to) => to,
-        Err(decision) => {
-            let reason = decision.to_string();
+    // Converted at once: `A` and `E` need not be `Send`.
+    let resolved: Result<Admission, String> = resolve(&header, from)
+        .map(Into::into)
+        .map_err(|refusal| refusal.to_string());
+    let admission = match resolved {
+        Ok(admission) => admission,
+        Err(reason) => {
             Response::Denied {
                 reason: reason.clone(),
             }
@@ -95,7 +132,14 @@ where
             return Err(ProxyError::Denied { reason });
         }
     };
-    let mut upstream = match tokio::net::TcpStream::connect(to).await {
+    // However this ends, the connection is over for the admission's owner.
+    let _ended = admission.revoked.clone().drop_guard();
+    let to = admission.to;
+    let connect = tokio::select! {
+        connect = tokio::net::TcpStream::connect(to) => connect,
+        _ = admission.revoked.cancelled() => return Ok(()),
+    };
+    let mut upstream = match connect {
         Ok(upstream) => upstream,
         Err(e) => {
             let reason = format!("cannot connect to {to}: {e}");
@@ -110,7 +154,10 @@ where
     };
     let _ = upstream.set_nodelay(true);
     Response::Accepted.write_to(&mut stream).await?;
-    let spliced = splice(&mut stream, &mut upstream).await?;
+    let Some(spliced) = splice_until(&mut stream, &mut upstream, &admission.revoked).await? else {
+        tracing::debug!(%from, %to, network = %header.network, alias = %header.alias, "mesh connection closed: revoked");
+        return Ok(());
+    };
     tracing::debug!(
         %from, %to, network = %header.network, alias = %header.alias, port = header.port,
         source = %header.source, sent = spliced.a_to_b, received = spliced.b_to_a,

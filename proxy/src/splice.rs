@@ -1,6 +1,7 @@
 //! Copying bytes both ways between two connections.
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 /// Bytes buffered per direction.
 pub const SPLICE_BUFFER: usize = 64 * 1024;
@@ -25,4 +26,21 @@ where
     let (a_to_b, b_to_a) =
         tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await?;
     Ok(Spliced { a_to_b, b_to_a })
+}
+
+/// [`splice`] until both directions end (`Some`) or `revoked` is cancelled
+/// (`None`: the caller drops both connections, which closes them).
+pub async fn splice_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    revoked: &CancellationToken,
+) -> std::io::Result<Option<Spliced>>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        spliced = splice(a, b) => spliced.map(Some),
+        _ = revoked.cancelled() => Ok(None),
+    }
 }
