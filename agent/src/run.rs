@@ -106,6 +106,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         },
     )
     .with_mesh_node(network::mesh_node_info(&node_key, &config.network));
+    // The network module stops with the agent, also when the client ends
+    // by itself (revocation).
+    let network_stop = shutdown.child_token();
     let network = network::Network::start(
         config.network.clone(),
         credential.host_id.clone(),
@@ -113,12 +116,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         client.netmaps(),
         client.link(),
         client.applied_topology_version(),
-        shutdown.clone(),
+        network_stop.clone(),
     )
     .await?;
     let modules =
         modules(&config).register(network.module(), network::KINDS, Concurrency::Parallel(4));
     let result = client.run(&credential, modules, &host, shutdown).await;
+    network_stop.cancel();
     network.stopped().await;
     drop(lock);
     result

@@ -183,6 +183,8 @@ async fn simulated_agent(
             protocol_version: proto::ProtocolVersion::ProtocolVersion1 as i32,
             telemetry: Some(facts(i)),
             applied_topology_version: 0,
+            // A simulated agent has no mesh node.
+            mesh: None,
         })),
     })
     .await?;
