@@ -695,3 +695,94 @@ async fn the_target_checks_the_claim_against_the_mesh_peer() {
     a.stop().await;
     b.stop().await;
 }
+
+async fn diagnose(
+    agent: &TestAgent,
+    source: &str,
+    alias: &str,
+    port: u16,
+    expected: u64,
+) -> proto::NetworkDiagnosis {
+    use agent::dispatch::Module;
+    let (link, _rx) = Link::channel(8);
+    let command = proto::Command {
+        request_id: "req_1".into(),
+        deadline_ms: 0,
+        kind: Some(proto::command::Kind::NetworkDiagnose(
+            proto::NetworkDiagnose {
+                network: "dev".into(),
+                source: source.into(),
+                alias: alias.into(),
+                port: u32::from(port),
+                expected_topology_version: expected,
+            },
+        )),
+    };
+    match agent.network.module().handle(command, link).await {
+        Ok(proto::command_result::Kind::NetworkDiagnosis(d)) => d,
+        other => panic!("expected a diagnosis, got {other:?}"),
+    }
+}
+
+fn checks(d: &proto::NetworkDiagnosis) -> Vec<(String, bool)> {
+    d.checks
+        .iter()
+        .map(|c| (c.name.clone(), c.passed))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnose_reports_each_check_with_its_reason() {
+    let (a, b, world) = two_agents(6).await;
+    let port = world.api_port;
+    // The source's agent: everything holds for `web`.
+    let d = diagnose(&a, "web", "api", port, world.version).await;
+    assert_eq!(d.host_id, "h1");
+    assert_eq!(d.applied_topology_version, world.version);
+    let all_pass: Vec<(String, bool)> = [
+        "mesh_joined",
+        "topology_version",
+        "dns_records",
+        "route",
+        "policy",
+    ]
+    .iter()
+    .map(|n| ((*n).to_owned(), true))
+    .collect();
+    assert_eq!(checks(&d), all_pass, "{:#?}", d.checks);
+    assert!(
+        d.checks[4].detail.contains("pol_1"),
+        "{}",
+        d.checks[4].detail
+    );
+    assert!(
+        d.checks[3].detail.contains("100.64.0.2:4180"),
+        "{}",
+        d.checks[3].detail
+    );
+    // The target's agent probes the sandbox itself.
+    let d = diagnose(&b, "web", "api", port, world.version).await;
+    assert_eq!(checks(&d), all_pass, "{:#?}", d.checks);
+    assert!(
+        d.checks[3].detail.contains("accepts on"),
+        "{}",
+        d.checks[3].detail
+    );
+    // `local` is not allowed; a newer control-plane version is not applied;
+    // an unexposed port has no route.
+    let d = diagnose(&a, "local", "api", port, world.version + 1).await;
+    assert!(
+        !d.checks[1].passed && !d.checks[4].passed,
+        "{:#?}",
+        d.checks
+    );
+    assert!(
+        d.checks[4].detail.contains("default deny"),
+        "{}",
+        d.checks[4].detail
+    );
+    let d = diagnose(&a, "web", "api", port.wrapping_add(1).max(1), world.version).await;
+    assert!(!d.checks[3].passed, "{:#?}", d.checks);
+    a.stop().await;
+    b.stop().await;
+}
