@@ -27,6 +27,9 @@ enum BenchCommand {
     /// between two nodes on loopback, beside loopback TCP, onetun and
     /// wireguard-go.
     Netstack(scenario::netstack::Options),
+    /// The agent DNS: queries per second (dnsperf) beside dnsmasq answering
+    /// the same record.
+    Dns(scenario::dns::Options),
     /// (internal) Hold idle connections open for the memory figure.
     #[command(hide = true)]
     HoldIdle(scenario::netstack::HoldIdle),
@@ -41,6 +44,14 @@ fn main() -> ExitCode {
                 "{}",
                 results.table(scenario::netstack::SCENARIO, &scenario::netstack::METRICS)
             );
+            if let Some(path) = &options.json {
+                std::fs::write(path, results.to_json() + "\n")
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            Ok(())
+        }),
+        BenchCommand::Dns(options) => scenario::dns::run(&options).and_then(|results| {
+            println!("{}", scenario::dns::table(&results));
             if let Some(path) = &options.json {
                 std::fs::write(path, results.to_json() + "\n")
                     .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;

@@ -16,15 +16,18 @@ pub enum System {
     Onetun,
     #[serde(rename = "wireguard-go")]
     WireguardGo,
+    #[serde(rename = "dnsmasq")]
+    Dnsmasq,
 }
 
 impl System {
     #[cfg(test)]
-    pub const ALL: [System; 4] = [
+    pub const ALL: [System; 5] = [
         System::Gstacks,
         System::Loopback,
         System::Onetun,
         System::WireguardGo,
+        System::Dnsmasq,
     ];
 
     pub fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl System {
             System::Loopback => "loopback",
             System::Onetun => "onetun",
             System::WireguardGo => "wireguard-go",
+            System::Dnsmasq => "dnsmasq",
         }
     }
 }
@@ -48,6 +52,7 @@ pub enum Metric {
     ConnectRate,
     #[serde(rename = "rss_10k_idle")]
     Rss10kIdle,
+    DnsQps,
 }
 
 impl Metric {
@@ -59,6 +64,7 @@ impl Metric {
             Metric::RttP99 => "rtt_p99",
             Metric::ConnectRate => "connect_rate",
             Metric::Rss10kIdle => "rss_10k_idle",
+            Metric::DnsQps => "dns_qps",
         }
     }
 
@@ -68,6 +74,7 @@ impl Metric {
             Metric::RttP50 | Metric::RttP99 => "us",
             Metric::ConnectRate => "1/s",
             Metric::Rss10kIdle => "MiB",
+            Metric::DnsQps => "1/s",
         }
     }
 }

@@ -138,17 +138,25 @@ async fn diagnose(
 
     // dns_records
     let record = shared.loopback_records.lookup(&name);
-    checks.push(match record {
-        Some(addrs) => check(
+    checks.push(match (record, shared.dns_addr) {
+        (Some(_), None) => check(
+            "dns_records",
+            false,
+            format!(
+                "{name} is loaded but the agent DNS is not served (see the agent log: {} could not be bound)",
+                crate::config::MESH_DNS_ADDR
+            ),
+        ),
+        (Some(addrs), Some(dns)) => check(
             "dns_records",
             true,
             format!(
-                "{name} -> {} ({} records loaded)",
+                "{name} -> {} on the agent DNS {dns} ({} records loaded)",
                 addrs.ipv4,
                 shared.loopback_records.len()
             ),
         ),
-        None => check(
+        (None, _) => check(
             "dns_records",
             false,
             format!(

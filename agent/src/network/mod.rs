@@ -74,6 +74,8 @@ struct Shared {
     stats: NetworkStats,
     loopback_records: dns::Records,
     container_records: dns::Records,
+    /// The loopback DNS address, `None` when it could not be bound.
+    dns_addr: Option<SocketAddr>,
     /// Where each alias listener accepts.
     listener_addrs: RwLock<HashMap<(Facing, ListenerKey), SocketAddr>>,
 }
@@ -248,6 +250,7 @@ impl Network {
             stats: NetworkStats::default(),
             loopback_records,
             container_records,
+            dns_addr,
             listener_addrs: RwLock::new(HashMap::new()),
         });
         let apply_shared = shared.clone();

@@ -6,4 +6,5 @@
 //! siblings.
 
 pub mod control;
+pub mod dns;
 pub mod netstack;
