@@ -39,6 +39,12 @@ pub enum CommandKind {
     TerminalResize,
     TerminalClose,
     NetworkDiagnose,
+    SandboxCreate,
+    SandboxStart,
+    SandboxStop,
+    SandboxRemove,
+    SandboxInspect,
+    SandboxList,
 }
 
 impl CommandKind {
@@ -50,6 +56,12 @@ impl CommandKind {
             command::Kind::TerminalResize(_) => Self::TerminalResize,
             command::Kind::TerminalClose(_) => Self::TerminalClose,
             command::Kind::NetworkDiagnose(_) => Self::NetworkDiagnose,
+            command::Kind::SandboxCreate(_) => Self::SandboxCreate,
+            command::Kind::SandboxStart(_) => Self::SandboxStart,
+            command::Kind::SandboxStop(_) => Self::SandboxStop,
+            command::Kind::SandboxRemove(_) => Self::SandboxRemove,
+            command::Kind::SandboxInspect(_) => Self::SandboxInspect,
+            command::Kind::SandboxList(_) => Self::SandboxList,
         }
     }
 
@@ -61,6 +73,12 @@ impl CommandKind {
             Self::TerminalResize => "terminal_resize",
             Self::TerminalClose => "terminal_close",
             Self::NetworkDiagnose => "network_diagnose",
+            Self::SandboxCreate => "sandbox_create",
+            Self::SandboxStart => "sandbox_start",
+            Self::SandboxStop => "sandbox_stop",
+            Self::SandboxRemove => "sandbox_remove",
+            Self::SandboxInspect => "sandbox_inspect",
+            Self::SandboxList => "sandbox_list",
         }
     }
 }

@@ -38,6 +38,7 @@ pub fn collect(configured_traits: &[String], tags: &[String], docker_reachable: 
         memory_available_bytes,
         running_sandboxes: 0,
         cached_images: Vec::new(),
+        sandbox_capacity: 0,
     }
 }
 

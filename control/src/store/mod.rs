@@ -1,5 +1,5 @@
 //! What the control plane keeps: clusters, operator and provisioning tokens,
-//! hosts and their events. The `Store` trait is the seam where a PostgreSQL
+//! hosts and their events, sandboxes and their activity history. The `Store` trait is the seam where a PostgreSQL
 //! store can replace the embedded SQLite one ([`sqlite::SqliteStore`]).
 //!
 //! Secrets never reach the store in clear: tokens and credentials are kept
@@ -165,6 +165,176 @@ pub struct TokenUsage {
     pub hosts_enrolled: u32,
 }
 
+/// A sandbox's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SandboxStatus {
+    /// Placed; the agent is creating the container (or the host dropped
+    /// during the create and the outcome is reconciled on reconnect).
+    Provisioning,
+    Running,
+    Stopped,
+    /// The create failed (the engine's message is the status message) or
+    /// the container vanished.
+    Failed,
+    /// Deprovisioned: the container is removed; the record stays visible.
+    Archived,
+}
+
+impl SandboxStatus {
+    pub const ALL: [SandboxStatus; 5] = [
+        SandboxStatus::Provisioning,
+        SandboxStatus::Running,
+        SandboxStatus::Stopped,
+        SandboxStatus::Failed,
+        SandboxStatus::Archived,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Provisioning => "provisioning",
+            SandboxStatus::Running => "running",
+            SandboxStatus::Stopped => "stopped",
+            SandboxStatus::Failed => "failed",
+            SandboxStatus::Archived => "archived",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SandboxStatus> {
+        SandboxStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn to_proto(self) -> proto::SandboxStatus {
+        match self {
+            SandboxStatus::Provisioning => proto::SandboxStatus::Provisioning,
+            SandboxStatus::Running => proto::SandboxStatus::Running,
+            SandboxStatus::Stopped => proto::SandboxStatus::Stopped,
+            SandboxStatus::Failed => proto::SandboxStatus::Failed,
+            SandboxStatus::Archived => proto::SandboxStatus::Archived,
+        }
+    }
+
+    /// Whether the sandbox holds (or is about to hold) a container that
+    /// counts against its host's capacity.
+    pub fn is_active(self) -> bool {
+        matches!(self, SandboxStatus::Provisioning | SandboxStatus::Running)
+    }
+}
+
+/// Repository bootstrap state of a sandbox (the agent clones inside the
+/// container): `pending`, `cloning`, `ready`, `failed`; empty without a
+/// repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxRepo {
+    pub url: String,
+    pub branch: String,
+    pub path: String,
+    pub status: String,
+    pub error: String,
+}
+
+/// A bind mount of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeMount {
+    pub host_path: String,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// A sandbox record. `host_id`, `addresses`, `tags` and `status` are what
+/// the network model reads (netmaps, source identification, `tag:`
+/// selectors): see [`SandboxFilter`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sandbox {
+    /// `sbx_...`
+    pub id: String,
+    pub cluster_id: String,
+    pub host_id: String,
+    pub name: String,
+    /// The image reference asked for (or the default image).
+    pub image: String,
+    /// The image id the engine resolved it to, once created.
+    pub image_digest: String,
+    pub blueprint_id: String,
+    pub status: SandboxStatus,
+    pub status_message: String,
+    /// The control plane's handle of the container.
+    pub container_id: String,
+    /// Display metadata.
+    pub container_name: String,
+    /// The container's IPs on its agent's sandbox Docker network.
+    pub addresses: Vec<String>,
+    pub docker_network: String,
+    /// Required host tags at placement, and the sandbox's own tags.
+    pub tags: Vec<String>,
+    /// Required host traits at placement.
+    pub traits: Vec<String>,
+    pub volumes: Vec<VolumeMount>,
+    pub repo: SandboxRepo,
+    /// 0 = no limit.
+    pub memory_bytes: u64,
+    /// 0 = no limit; thousandths of a CPU.
+    pub millicpus: u32,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// 0 = not archived.
+    pub archived_at_ms: i64,
+}
+
+impl Sandbox {
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.iter().any(|t| t == tag)
+    }
+}
+
+/// Which sandboxes [`Store::sandboxes`] returns; every set field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxFilter {
+    pub cluster_id: Option<String>,
+    pub host_id: Option<String>,
+    /// Only these statuses (empty = any).
+    pub statuses: Vec<SandboxStatus>,
+    /// Only sandboxes carrying this tag.
+    pub tag: Option<String>,
+    /// Leave out `archived` ones.
+    pub exclude_archived: bool,
+}
+
+impl SandboxFilter {
+    /// Sandboxes that are not archived.
+    pub fn live() -> SandboxFilter {
+        SandboxFilter {
+            exclude_archived: true,
+            ..SandboxFilter::default()
+        }
+    }
+
+    pub fn on_host(host_id: &str) -> SandboxFilter {
+        SandboxFilter {
+            host_id: Some(host_id.to_owned()),
+            ..SandboxFilter::default()
+        }
+    }
+
+    pub fn matches(&self, sandbox: &Sandbox) -> bool {
+        self.cluster_id
+            .as_deref()
+            .is_none_or(|c| c == sandbox.cluster_id)
+            && self.host_id.as_deref().is_none_or(|h| h == sandbox.host_id)
+            && (self.statuses.is_empty() || self.statuses.contains(&sandbox.status))
+            && self.tag.as_deref().is_none_or(|t| sandbox.has_tag(t))
+            && !(self.exclude_archived && sandbox.status == SandboxStatus::Archived)
+    }
+}
+
+/// One stored entry of a sandbox's activity history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSandboxEvent {
+    pub seq: u64,
+    pub sandbox_id: String,
+    pub event: Event,
+}
+
 /// The control plane's persistent state. Implementations are safe to share
 /// between tasks; each call is one short transaction.
 pub trait Store: Send + Sync + 'static {
@@ -219,4 +389,29 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         tail: Option<u32>,
     ) -> Result<Vec<StoredEvent>>;
+
+    fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<()>;
+    fn sandbox(&self, id: &str) -> Result<Option<Sandbox>>;
+    /// Sandboxes matching the filter, oldest first.
+    fn sandboxes(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>>;
+    /// Writes every field of the record (by id); false if it does not exist.
+    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<bool>;
+    /// The sandbox whose container has this id, else the newest one whose
+    /// container has this name (archived ones included): rediscovery's
+    /// fallback when a container carries no sandbox id label.
+    fn sandbox_by_container(
+        &self,
+        container_id: &str,
+        container_name: &str,
+    ) -> Result<Option<Sandbox>>;
+
+    fn append_sandbox_event(&self, sandbox_id: &str, event: &Event) -> Result<u64>;
+    /// Activity of a sandbox after `after_seq`, oldest first; with `tail`,
+    /// only the last `tail`.
+    fn sandbox_events(
+        &self,
+        sandbox_id: &str,
+        after_seq: u64,
+        tail: Option<u32>,
+    ) -> Result<Vec<StoredSandboxEvent>>;
 }

@@ -8,7 +8,8 @@ use prost::Message as _;
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
 
 use super::{
-    Cluster, Host, HostStatus, OperatorToken, ProvisioningToken, Store, StoredEvent, TokenUsage,
+    Cluster, Host, HostStatus, OperatorToken, ProvisioningToken, Sandbox, SandboxFilter,
+    SandboxRepo, SandboxStatus, Store, StoredEvent, StoredSandboxEvent, TokenUsage, VolumeMount,
     DEFAULT_CLUSTER_ID,
 };
 use crate::error::{ControlError, Result};
@@ -18,7 +19,11 @@ use proto::{Event, Telemetry};
 /// to `i + 1`. Steps are only appended; none can be undone.
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
-const MIGRATIONS: &[Migration] = &[migrate_1_schema, migrate_2_default_cluster];
+const MIGRATIONS: &[Migration] = &[
+    migrate_1_schema,
+    migrate_2_default_cluster,
+    migrate_3_sandboxes,
+];
 
 /// Host events kept per host; older ones are pruned.
 pub const EVENTS_KEPT_PER_HOST: u64 = 10_000;
@@ -87,6 +92,54 @@ fn migrate_2_default_cluster(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         params![DEFAULT_CLUSTER_ID, now_ms()],
     )?;
     Ok(())
+}
+
+/// Sandboxes and their activity history. Lists (addresses, tags, traits,
+/// volumes) are JSON arrays; `status`, `host_id` and `cluster_id` are
+/// indexed because the network model reads sandboxes by them.
+fn migrate_3_sandboxes(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE sandboxes (
+             id TEXT PRIMARY KEY,
+             cluster_id TEXT NOT NULL REFERENCES clusters(id),
+             host_id TEXT NOT NULL REFERENCES hosts(id),
+             name TEXT NOT NULL,
+             image TEXT NOT NULL,
+             image_digest TEXT NOT NULL DEFAULT '',
+             blueprint_id TEXT NOT NULL DEFAULT '',
+             status TEXT NOT NULL,
+             status_message TEXT NOT NULL DEFAULT '',
+             container_id TEXT NOT NULL DEFAULT '',
+             container_name TEXT NOT NULL DEFAULT '',
+             addresses TEXT NOT NULL DEFAULT '[]',
+             docker_network TEXT NOT NULL DEFAULT '',
+             tags TEXT NOT NULL DEFAULT '[]',
+             traits TEXT NOT NULL DEFAULT '[]',
+             volumes TEXT NOT NULL DEFAULT '[]',
+             repo_url TEXT NOT NULL DEFAULT '',
+             repo_branch TEXT NOT NULL DEFAULT '',
+             repo_path TEXT NOT NULL DEFAULT '',
+             repo_status TEXT NOT NULL DEFAULT '',
+             repo_error TEXT NOT NULL DEFAULT '',
+             memory_bytes INTEGER NOT NULL DEFAULT 0,
+             millicpus INTEGER NOT NULL DEFAULT 0,
+             created_by TEXT NOT NULL DEFAULT '',
+             created_at_ms INTEGER NOT NULL,
+             updated_at_ms INTEGER NOT NULL,
+             archived_at_ms INTEGER NOT NULL DEFAULT 0
+         );
+         CREATE INDEX sandboxes_by_host ON sandboxes(host_id, status);
+         CREATE INDEX sandboxes_by_cluster ON sandboxes(cluster_id, status);
+         CREATE INDEX sandboxes_by_container ON sandboxes(container_id);
+         CREATE TABLE sandbox_events (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             sandbox_id TEXT NOT NULL REFERENCES sandboxes(id),
+             kind TEXT NOT NULL,
+             at_ms INTEGER NOT NULL,
+             event BLOB NOT NULL
+         );
+         CREATE INDEX sandbox_events_by_sandbox ON sandbox_events(sandbox_id, seq);",
+    )
 }
 
 fn now_ms() -> i64 {
@@ -267,6 +320,145 @@ fn host_in(conn: &Connection, id: &str) -> Result<Option<Host>> {
     .optional()?
     .map(RawHost::check)
     .transpose()
+}
+
+const SANDBOX_COLUMNS: &str = "id, cluster_id, host_id, name, image, image_digest, blueprint_id, status, status_message, container_id, container_name, addresses, docker_network, tags, traits, volumes, repo_url, repo_branch, repo_path, repo_status, repo_error, memory_bytes, millicpus, created_by, created_at_ms, updated_at_ms, archived_at_ms";
+
+/// A sandbox row before its enum and JSON columns are checked.
+struct RawSandbox {
+    sandbox: Sandbox,
+    status: String,
+    addresses: String,
+    tags: String,
+    traits: String,
+    volumes: String,
+}
+
+fn raw_sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<RawSandbox> {
+    Ok(RawSandbox {
+        sandbox: Sandbox {
+            id: row.get(0)?,
+            cluster_id: row.get(1)?,
+            host_id: row.get(2)?,
+            name: row.get(3)?,
+            image: row.get(4)?,
+            image_digest: row.get(5)?,
+            blueprint_id: row.get(6)?,
+            status: SandboxStatus::Provisioning,
+            status_message: row.get(8)?,
+            container_id: row.get(9)?,
+            container_name: row.get(10)?,
+            addresses: Vec::new(),
+            docker_network: row.get(12)?,
+            tags: Vec::new(),
+            traits: Vec::new(),
+            volumes: Vec::new(),
+            repo: SandboxRepo {
+                url: row.get(16)?,
+                branch: row.get(17)?,
+                path: row.get(18)?,
+                status: row.get(19)?,
+                error: row.get(20)?,
+            },
+            memory_bytes: row.get::<_, i64>(21)?.max(0) as u64,
+            millicpus: row.get::<_, i64>(22)?.clamp(0, i64::from(u32::MAX)) as u32,
+            created_by: row.get(23)?,
+            created_at_ms: row.get(24)?,
+            updated_at_ms: row.get(25)?,
+            archived_at_ms: row.get(26)?,
+        },
+        status: row.get(7)?,
+        addresses: row.get(11)?,
+        tags: row.get(13)?,
+        traits: row.get(14)?,
+        volumes: row.get(15)?,
+    })
+}
+
+impl RawSandbox {
+    fn check(self) -> Result<Sandbox> {
+        let mut sandbox = self.sandbox;
+        let corrupt = |what: &'static str, id: &str, reason: String| ControlError::StoreCorrupt {
+            what,
+            id: id.to_owned(),
+            reason,
+        };
+        sandbox.status = SandboxStatus::parse(&self.status).ok_or_else(|| {
+            corrupt(
+                "status of sandbox",
+                &sandbox.id,
+                format!("unknown status `{}`", self.status),
+            )
+        })?;
+        let list = |what: &'static str, text: &str| -> Result<Vec<String>> {
+            serde_json::from_str(text).map_err(|err| corrupt(what, &sandbox.id, err.to_string()))
+        };
+        sandbox.addresses = list("addresses of sandbox", &self.addresses)?;
+        sandbox.tags = list("tags of sandbox", &self.tags)?;
+        sandbox.traits = list("traits of sandbox", &self.traits)?;
+        sandbox.volumes = serde_json::from_str::<Vec<VolumeMount>>(&self.volumes)
+            .map_err(|err| corrupt("volumes of sandbox", &sandbox.id, err.to_string()))?;
+        Ok(sandbox)
+    }
+}
+
+fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    // Serialising strings and plain structs cannot fail.
+    serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn sandbox_in(conn: &Connection, id: &str) -> Result<Option<Sandbox>> {
+    conn.query_row(
+        &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
+        [id],
+        raw_sandbox_from_row,
+    )
+    .optional()?
+    .map(RawSandbox::check)
+    .transpose()
+}
+
+/// Writes a sandbox: `INSERT` (new) or `UPDATE` by id.
+fn write_sandbox(conn: &Connection, sandbox: &Sandbox, insert: bool) -> Result<usize> {
+    let sql = if insert {
+        format!(
+            "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+        )
+    } else {
+        "UPDATE sandboxes SET cluster_id = ?2, host_id = ?3, name = ?4, image = ?5, image_digest = ?6, blueprint_id = ?7, status = ?8, status_message = ?9, container_id = ?10, container_name = ?11, addresses = ?12, docker_network = ?13, tags = ?14, traits = ?15, volumes = ?16, repo_url = ?17, repo_branch = ?18, repo_path = ?19, repo_status = ?20, repo_error = ?21, memory_bytes = ?22, millicpus = ?23, created_by = ?24, created_at_ms = ?25, updated_at_ms = ?26, archived_at_ms = ?27 WHERE id = ?1".to_owned()
+    };
+    Ok(conn.execute(
+        &sql,
+        params![
+            sandbox.id,
+            sandbox.cluster_id,
+            sandbox.host_id,
+            sandbox.name,
+            sandbox.image,
+            sandbox.image_digest,
+            sandbox.blueprint_id,
+            sandbox.status.as_str(),
+            sandbox.status_message,
+            sandbox.container_id,
+            sandbox.container_name,
+            json_list(&sandbox.addresses),
+            sandbox.docker_network,
+            json_list(&sandbox.tags),
+            json_list(&sandbox.traits),
+            json_list(&sandbox.volumes),
+            sandbox.repo.url,
+            sandbox.repo.branch,
+            sandbox.repo.path,
+            sandbox.repo.status,
+            sandbox.repo.error,
+            i64::try_from(sandbox.memory_bytes).unwrap_or(i64::MAX),
+            i64::from(sandbox.millicpus),
+            sandbox.created_by,
+            sandbox.created_at_ms,
+            sandbox.updated_at_ms,
+            sandbox.archived_at_ms,
+        ],
+    )?)
 }
 
 impl Store for SqliteStore {
@@ -589,6 +781,125 @@ impl Store for SqliteStore {
             Ok(events)
         })
     }
+
+    fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<()> {
+        self.with(|conn| write_sandbox(conn, sandbox, true).map(drop))
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Option<Sandbox>> {
+        self.with(|conn| sandbox_in(conn, id))
+    }
+
+    fn sandboxes(&self, filter: &SandboxFilter) -> Result<Vec<Sandbox>> {
+        self.with(|conn| {
+            // The indexed columns narrow in SQL; the rest (statuses, tag)
+            // is checked on the decoded record by the filter itself.
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE (?1 IS NULL OR cluster_id = ?1) AND (?2 IS NULL OR host_id = ?2)
+                   AND (?3 = 0 OR status != 'archived')
+                 ORDER BY created_at_ms, id"
+            ))?;
+            let rows = stmt.query_map(
+                params![filter.cluster_id, filter.host_id, filter.exclude_archived],
+                raw_sandbox_from_row,
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                let sandbox = row?.check()?;
+                if filter.matches(&sandbox) {
+                    out.push(sandbox);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn update_sandbox(&self, sandbox: &Sandbox) -> Result<bool> {
+        self.with(|conn| Ok(write_sandbox(conn, sandbox, false)? == 1))
+    }
+
+    fn sandbox_by_container(
+        &self,
+        container_id: &str,
+        container_name: &str,
+    ) -> Result<Option<Sandbox>> {
+        self.with(|conn| {
+            if !container_id.is_empty() {
+                let id: Option<String> = conn
+                    .query_row(
+                        "SELECT id FROM sandboxes WHERE container_id = ?1
+                         ORDER BY created_at_ms DESC LIMIT 1",
+                        [container_id],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if let Some(id) = id {
+                    return sandbox_in(conn, &id);
+                }
+            }
+            if !container_name.is_empty() {
+                let id: Option<String> = conn
+                    .query_row(
+                        "SELECT id FROM sandboxes WHERE container_name = ?1
+                         ORDER BY created_at_ms DESC LIMIT 1",
+                        [container_name],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if let Some(id) = id {
+                    return sandbox_in(conn, &id);
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn append_sandbox_event(&self, sandbox_id: &str, event: &Event) -> Result<u64> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO sandbox_events (sandbox_id, kind, at_ms, event) VALUES (?1, ?2, ?3, ?4)",
+                params![sandbox_id, event.kind, event.at_ms, event.encode_to_vec()],
+            )?;
+            Ok(conn.last_insert_rowid() as u64)
+        })
+    }
+
+    fn sandbox_events(
+        &self,
+        sandbox_id: &str,
+        after_seq: u64,
+        tail: Option<u32>,
+    ) -> Result<Vec<StoredSandboxEvent>> {
+        self.with(|conn| {
+            let limit: i64 = tail.map_or(-1, i64::from);
+            let mut stmt = conn.prepare(
+                "SELECT seq, event FROM (
+                     SELECT seq, event FROM sandbox_events WHERE sandbox_id = ?1 AND seq > ?2
+                     ORDER BY seq DESC LIMIT ?3
+                 ) ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![sandbox_id, after_seq as i64, limit], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (seq, blob) = row?;
+                let event =
+                    Event::decode(blob.as_slice()).map_err(|err| ControlError::StoreCorrupt {
+                        what: "sandbox event",
+                        id: seq.to_string(),
+                        reason: err.to_string(),
+                    })?;
+                events.push(StoredSandboxEvent {
+                    seq: seq as u64,
+                    sandbox_id: sandbox_id.to_owned(),
+                    event,
+                });
+            }
+            Ok(events)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -837,6 +1148,163 @@ mod tests {
         // The newest survive; another host's are untouched.
         assert_eq!(kept.last().unwrap().seq, total + 1);
         assert_eq!(store.host_events("hst_2", 0, None).unwrap().len(), 1);
+    }
+
+    fn sandbox(id: &str, host_id: &str, status: SandboxStatus) -> Sandbox {
+        Sandbox {
+            id: id.to_owned(),
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+            host_id: host_id.to_owned(),
+            name: format!("{id}-name"),
+            image: "gstacks-test/busybox:1".into(),
+            image_digest: String::new(),
+            blueprint_id: String::new(),
+            status,
+            status_message: String::new(),
+            container_id: String::new(),
+            container_name: String::new(),
+            addresses: Vec::new(),
+            docker_network: String::new(),
+            tags: vec!["web".into()],
+            traits: vec!["docker".into()],
+            volumes: vec![VolumeMount {
+                host_path: "/srv/data".into(),
+                container_path: "/data".into(),
+                read_only: true,
+            }],
+            repo: SandboxRepo::default(),
+            memory_bytes: 512 << 20,
+            millicpus: 1500,
+            created_by: "op_1".into(),
+            created_at_ms: 10,
+            updated_at_ms: 10,
+            archived_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn sandboxes_round_trip_filter_and_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_host(&host("hst_1", "tok_a")).unwrap();
+        store.insert_host(&host("hst_2", "tok_a")).unwrap();
+        let mut a = sandbox("sbx_a", "hst_1", SandboxStatus::Running);
+        a.addresses = vec!["10.213.0.2".into()];
+        a.repo = SandboxRepo {
+            url: "git://127.0.0.1/app.git".into(),
+            branch: "main".into(),
+            path: "/workspace/app".into(),
+            status: "pending".into(),
+            error: String::new(),
+        };
+        store.insert_sandbox(&a).unwrap();
+        let mut b = sandbox("sbx_b", "hst_2", SandboxStatus::Archived);
+        b.tags = vec!["db".into()];
+        b.created_at_ms = 20;
+        store.insert_sandbox(&b).unwrap();
+        assert_eq!(store.sandbox("sbx_a").unwrap().unwrap(), a);
+        assert!(store.sandbox("sbx_none").unwrap().is_none());
+        // A duplicate id is refused.
+        assert!(store.insert_sandbox(&a).is_err());
+
+        let ids = |filter: SandboxFilter| -> Vec<String> {
+            store
+                .sandboxes(&filter)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(ids(SandboxFilter::default()), ["sbx_a", "sbx_b"]);
+        assert_eq!(ids(SandboxFilter::live()), ["sbx_a"]);
+        assert_eq!(ids(SandboxFilter::on_host("hst_2")), ["sbx_b"]);
+        let tagged = SandboxFilter {
+            tag: Some("db".into()),
+            ..SandboxFilter::default()
+        };
+        assert_eq!(ids(tagged), ["sbx_b"]);
+        let running = SandboxFilter {
+            statuses: vec![SandboxStatus::Running],
+            ..SandboxFilter::default()
+        };
+        assert_eq!(ids(running), ["sbx_a"]);
+        let other_cluster = SandboxFilter {
+            cluster_id: Some("cls_other".into()),
+            ..SandboxFilter::default()
+        };
+        assert!(ids(other_cluster).is_empty());
+
+        a.status = SandboxStatus::Stopped;
+        a.container_id = "c0ffee".into();
+        a.container_name = "gstacks-sbx_a".into();
+        a.updated_at_ms = 30;
+        assert!(store.update_sandbox(&a).unwrap());
+        assert_eq!(store.sandbox("sbx_a").unwrap().unwrap(), a);
+        let mut ghost = a.clone();
+        ghost.id = "sbx_ghost".into();
+        assert!(!store.update_sandbox(&ghost).unwrap());
+
+        // Rediscovery's fallback: by container id, then by name.
+        let by_id = store.sandbox_by_container("c0ffee", "").unwrap().unwrap();
+        assert_eq!(by_id.id, "sbx_a");
+        let by_name = store
+            .sandbox_by_container("other", "gstacks-sbx_a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_name.id, "sbx_a");
+        assert!(store
+            .sandbox_by_container("nope", "nope")
+            .unwrap()
+            .is_none());
+        assert!(store.sandbox_by_container("", "").unwrap().is_none());
+    }
+
+    #[test]
+    fn sandbox_history_appends_and_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        store.insert_provisioning_token(&token("tok_a")).unwrap();
+        store.insert_host(&host("hst_1", "tok_a")).unwrap();
+        store
+            .insert_sandbox(&sandbox("sbx_a", "hst_1", SandboxStatus::Provisioning))
+            .unwrap();
+        for kind in ["sandbox.created", "sandbox.started", "sandbox.stopped"] {
+            let event = Event {
+                kind: kind.into(),
+                ..Default::default()
+            };
+            store.append_sandbox_event("sbx_a", &event).unwrap();
+        }
+        let all = store.sandbox_events("sbx_a", 0, None).unwrap();
+        let kinds: Vec<_> = all.iter().map(|e| e.event.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["sandbox.created", "sandbox.started", "sandbox.stopped"]
+        );
+        let last = store.sandbox_events("sbx_a", 0, Some(1)).unwrap();
+        assert_eq!(last[0].event.kind, "sandbox.stopped");
+        assert_eq!(
+            store
+                .sandbox_events("sbx_a", all[0].seq, None)
+                .unwrap()
+                .len(),
+            2
+        );
+        // History belongs to an existing sandbox.
+        assert!(store
+            .append_sandbox_event("sbx_none", &Event::default())
+            .is_err());
+    }
+
+    #[test]
+    fn sandbox_status_names_round_trip() {
+        for status in SandboxStatus::ALL {
+            assert_eq!(SandboxStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(SandboxStatus::parse("deleted"), None);
+        assert!(SandboxStatus::Provisioning.is_active());
+        assert!(!SandboxStatus::Archived.is_active());
     }
 
     #[test]
