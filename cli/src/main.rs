@@ -4,6 +4,7 @@ mod client;
 mod config;
 mod hosts;
 mod output;
+mod sandboxes;
 mod terminal;
 mod tokens;
 
@@ -46,6 +47,99 @@ enum Cmd {
     /// Clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Sandboxes: create, list, show, start, stop, reprovision, deprovision.
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+}
+
+#[derive(clap::Args, Debug)]
+struct SandboxCreateCmd {
+    /// Cluster to place in (default: the default cluster).
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Place on this host.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Required host tag, and a tag of the sandbox (repeatable).
+    #[arg(long = "tag", value_name = "T")]
+    tags: Vec<String>,
+    /// Required host trait (repeatable).
+    #[arg(long = "trait", value_name = "T")]
+    traits: Vec<String>,
+    /// Image reference (default: the control plane's default image).
+    #[arg(long, value_name = "REF", conflicts_with = "blueprint")]
+    image: Option<String>,
+    /// Blueprint id or unique name.
+    #[arg(long, value_name = "ID_OR_NAME")]
+    blueprint: Option<String>,
+    /// Repository to clone inside the sandbox.
+    #[arg(long, value_name = "URL")]
+    repo_url: Option<String>,
+    #[arg(long, value_name = "B", requires = "repo_url")]
+    repo_branch: Option<String>,
+    #[arg(long, value_name = "P", requires = "repo_url")]
+    repo_path: Option<String>,
+    /// Bind mount HOST_PATH:CONTAINER_PATH[:ro] (repeatable).
+    #[arg(long = "volume", value_name = "HOST_PATH:CONTAINER_PATH[:ro]")]
+    volumes: Vec<String>,
+    #[arg(long, value_name = "N")]
+    name: Option<String>,
+    /// Memory limit in MiB (default: the control plane's).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(4..=1_048_576))]
+    memory: Option<u64>,
+    /// CPU limit (e.g. 1.5).
+    #[arg(long, value_name = "CPUS")]
+    cpus: Option<f64>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SandboxCmd {
+    /// Place and create a sandbox on a connected host.
+    Create(Box<SandboxCreateCmd>),
+    /// Sandboxes with status, host, container and addresses (archived too).
+    List {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        /// Leave archived sandboxes out.
+        #[arg(long)]
+        live: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One sandbox in detail, with its activity history.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped sandbox.
+    Start {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a running sandbox.
+    Stop {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the container and create it again from the record.
+    Reprovision {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the container through its host, then archive the record.
+    Deprovision {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -209,8 +303,66 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             TokenCmd::Revoke { id, json } => tokens::revoke(&mut api, id, json).await?,
         },
         Cmd::Cluster(ClusterCmd::List { json }) => tokens::clusters(&mut api, json).await?,
+        Cmd::Sandbox(cmd) => return sandbox(&mut api, cmd).await,
     }
     Ok(0)
+}
+
+async fn sandbox(api: &mut client::Api, cmd: SandboxCmd) -> anyhow::Result<i32> {
+    use sandboxes::Action;
+    match cmd {
+        SandboxCmd::Create(create) => {
+            let SandboxCreateCmd {
+                cluster_id,
+                host_id,
+                tags,
+                traits,
+                image,
+                blueprint,
+                repo_url,
+                repo_branch,
+                repo_path,
+                volumes,
+                name,
+                memory,
+                cpus,
+                json,
+            } = *create;
+            let args = sandboxes::CreateArgs {
+                cluster_id,
+                host_id,
+                tags,
+                traits,
+                image,
+                blueprint,
+                repo_url,
+                repo_branch,
+                repo_path,
+                volumes,
+                name,
+                memory_mib: memory,
+                cpus,
+            };
+            sandboxes::create(api, args, json).await
+        }
+        SandboxCmd::List {
+            cluster,
+            host,
+            live,
+            json,
+        } => sandboxes::list(api, cluster, host, live, json)
+            .await
+            .map(|()| 0),
+        SandboxCmd::Show { id, json } => sandboxes::show(api, id, json).await.map(|()| 0),
+        SandboxCmd::Start { id, json } => sandboxes::act(api, Action::Start, id, json).await,
+        SandboxCmd::Stop { id, json } => sandboxes::act(api, Action::Stop, id, json).await,
+        SandboxCmd::Reprovision { id, json } => {
+            sandboxes::act(api, Action::Reprovision, id, json).await
+        }
+        SandboxCmd::Deprovision { id, json } => {
+            sandboxes::act(api, Action::Deprovision, id, json).await
+        }
+    }
 }
 
 /// Checks the URL, token and certificate with a real call, then saves them.

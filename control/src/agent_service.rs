@@ -128,7 +128,11 @@ impl AgentService for AgentApi {
             ),
         );
         tracing::info!(host = %host.id, name = %host.name, "host connected");
-        tokio::spawn(run_session(self.plane.clone(), session, inbound));
+        tokio::spawn(run_session(self.plane.clone(), session.clone(), inbound));
+        // Rediscovery: the agent reports its managed containers, the
+        // records are rebound (needs the session loop above for the reply).
+        let plane = self.plane.clone();
+        tokio::spawn(async move { plane.reconcile_sandboxes(session).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -12,7 +12,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::ControlError;
 use crate::plane::ControlPlane;
-use crate::store::{ProvisioningToken, TokenUsage};
+use crate::sandboxes::sandbox_view;
+use crate::store::{ProvisioningToken, SandboxFilter, TokenUsage};
 use proto::control_api_server::ControlApi;
 use proto::*;
 
@@ -260,5 +261,108 @@ impl ControlApi for OperatorApi {
             tx,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<SandboxRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let request = crate::sandboxes::CreateSandbox::from_proto(request.into_inner());
+        let sandbox = self.plane.create_sandbox(request, &who).await?;
+        Ok(Response::new(sandbox_view(sandbox)))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        request: Request<ListSandboxesRequest>,
+    ) -> Result<Response<ListSandboxesResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let filter = SandboxFilter {
+            cluster_id: cluster_filter(&request.cluster_id).map(str::to_owned),
+            host_id: cluster_filter(&request.host_id).map(str::to_owned),
+            exclude_archived: request.exclude_archived,
+            ..SandboxFilter::default()
+        };
+        let sandboxes = self
+            .plane
+            .store
+            .sandboxes(&filter)?
+            .into_iter()
+            .map(sandbox_view)
+            .collect();
+        Ok(Response::new(ListSandboxesResponse { sandboxes }))
+    }
+
+    async fn get_sandbox(
+        &self,
+        request: Request<GetSandboxRequest>,
+    ) -> Result<Response<GetSandboxResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let sandbox = self.plane.sandbox_record(&request.into_inner().id)?;
+        let history = self
+            .plane
+            .store
+            .sandbox_events(&sandbox.id, 0, None)?
+            .into_iter()
+            .map(|stored| SandboxEvent {
+                seq: stored.seq,
+                sandbox_id: stored.sandbox_id,
+                event: Some(stored.event),
+            })
+            .collect();
+        Ok(Response::new(GetSandboxResponse {
+            sandbox: Some(sandbox_view(sandbox)),
+            history,
+        }))
+    }
+
+    async fn start_sandbox(
+        &self,
+        request: Request<SandboxRequest>,
+    ) -> Result<Response<SandboxRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let sandbox = self
+            .plane
+            .start_sandbox(&request.into_inner().id, &who)
+            .await?;
+        Ok(Response::new(sandbox_view(sandbox)))
+    }
+
+    async fn stop_sandbox(
+        &self,
+        request: Request<SandboxRequest>,
+    ) -> Result<Response<SandboxRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let sandbox = self
+            .plane
+            .stop_sandbox(&request.into_inner().id, &who)
+            .await?;
+        Ok(Response::new(sandbox_view(sandbox)))
+    }
+
+    async fn reprovision_sandbox(
+        &self,
+        request: Request<SandboxRequest>,
+    ) -> Result<Response<SandboxRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let sandbox = self
+            .plane
+            .reprovision_sandbox(&request.into_inner().id, &who)
+            .await?;
+        Ok(Response::new(sandbox_view(sandbox)))
+    }
+
+    async fn deprovision_sandbox(
+        &self,
+        request: Request<SandboxRequest>,
+    ) -> Result<Response<SandboxRecord>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let sandbox = self
+            .plane
+            .deprovision_sandbox(&request.into_inner().id, &who)
+            .await?;
+        Ok(Response::new(sandbox_view(sandbox)))
     }
 }

@@ -58,6 +58,23 @@ pub enum ControlError {
     },
     #[error("the stream of host `{0}` closed before it answered")]
     SessionClosed(String),
+    #[error("sandbox `{0}` not found")]
+    SandboxNotFound(String),
+    #[error("sandbox `{id}` is archived and cannot be {action}")]
+    SandboxArchived { id: String, action: String },
+    #[error("sandbox `{id}` has no container (status {status}); reprovision it")]
+    SandboxNoContainer { id: String, status: &'static str },
+    #[error("sandbox `{sandbox}` cannot be {action}: its host `{host}` is {status}, so the runtime cannot confirm it; try again once the host is connected")]
+    SandboxHostUnavailable {
+        sandbox: String,
+        host: String,
+        status: &'static str,
+        action: String,
+    },
+    #[error("no such blueprint `{0}`")]
+    BlueprintNotFound(String),
+    #[error("{0}")]
+    NoHost(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("listen address `{addr}`: {source}")]
@@ -78,10 +95,15 @@ impl From<ControlError> for tonic::Status {
         match err {
             ControlError::ClusterNotFound(_)
             | ControlError::TokenNotFound(_)
-            | ControlError::HostNotFound(_) => tonic::Status::not_found(msg),
-            ControlError::ClusterNotByo { .. } | ControlError::HostNotConnected { .. } => {
-                tonic::Status::failed_precondition(msg)
-            }
+            | ControlError::HostNotFound(_)
+            | ControlError::SandboxNotFound(_)
+            | ControlError::BlueprintNotFound(_) => tonic::Status::not_found(msg),
+            ControlError::ClusterNotByo { .. }
+            | ControlError::HostNotConnected { .. }
+            | ControlError::SandboxArchived { .. }
+            | ControlError::SandboxNoContainer { .. }
+            | ControlError::SandboxHostUnavailable { .. }
+            | ControlError::NoHost(_) => tonic::Status::failed_precondition(msg),
             ControlError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             ControlError::CommandTimeout { .. } => tonic::Status::deadline_exceeded(msg),
             ControlError::SessionClosed(_) => tonic::Status::unavailable(msg),

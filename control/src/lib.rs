@@ -3,6 +3,9 @@
 //! - [`store`]: the `Store` trait and its embedded SQLite implementation.
 //! - [`plane`]: enrollment, credentials, revocation, host events.
 //! - [`sessions`]: one handle per connected host; commands and replies.
+//! - [`placement`]: which host takes a new sandbox (pure logic).
+//! - [`sandboxes`]: the sandbox lifecycle over the hosts' streams, history,
+//!   rediscovery when an agent connects.
 //! - [`agent_service`], [`api`], [`terminal`]: the gRPC services.
 //! - [`server`]: TLS and the listener; [`dev`]: control plane plus a local agent.
 //!
@@ -15,7 +18,9 @@ pub mod api;
 pub mod clock;
 pub mod dev;
 pub mod error;
+pub mod placement;
 pub mod plane;
+pub mod sandboxes;
 pub mod secret;
 pub mod server;
 pub mod sessions;

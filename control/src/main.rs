@@ -70,6 +70,12 @@ struct Common {
     /// Upper bound (and default) of a host terminal session, in seconds.
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=86400))]
     terminal_max_duration: u64,
+    /// Image of sandboxes created without --image or --blueprint.
+    #[arg(long, value_name = "REF")]
+    default_image: Option<String>,
+    /// Memory limit in MiB of a sandbox that asks for none.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    sandbox_memory_mib: u64,
 }
 
 impl Common {
@@ -77,6 +83,13 @@ impl Common {
         Settings {
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout),
             terminal_max_duration: Duration::from_secs(self.terminal_max_duration),
+            default_image: self
+                .default_image
+                .as_deref()
+                .map(str::trim)
+                .filter(|image| !image.is_empty())
+                .map(str::to_owned),
+            sandbox_memory_bytes: self.sandbox_memory_mib << 20,
             ..Settings::default()
         }
     }

@@ -26,6 +26,11 @@ pub struct Settings {
     pub terminal_max_duration: Duration,
     /// Lifetime of a short-lived provisioning token when none is asked for.
     pub default_token_ttl: Duration,
+    /// Image of a sandbox created without `--image` or `--blueprint`.
+    pub default_image: Option<String>,
+    /// Memory limit of a sandbox that asks for none (placement checks it
+    /// against the host's available memory).
+    pub sandbox_memory_bytes: u64,
 }
 
 impl Default for Settings {
@@ -35,15 +40,22 @@ impl Default for Settings {
             hello_timeout: Duration::from_secs(10),
             terminal_max_duration: Duration::from_secs(15 * 60),
             default_token_ttl: Duration::from_secs(24 * 3600),
+            default_image: None,
+            sandbox_memory_bytes: DEFAULT_SANDBOX_MEMORY,
         }
     }
 }
+
+/// Memory limit of a sandbox that asks for none: 512 MiB.
+pub const DEFAULT_SANDBOX_MEMORY: u64 = 512 << 20;
 
 /// Shared state behind every service.
 pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub sessions: Sessions,
     pub settings: Settings,
+    /// Serialises the operations on each sandbox.
+    pub sandbox_locks: crate::sandboxes::SandboxLocks,
     /// Wakes `host logs --follow` readers: carries the new event's host id.
     events: broadcast::Sender<String>,
 }
@@ -88,6 +100,7 @@ impl ControlPlane {
             store,
             sessions: Sessions::default(),
             settings,
+            sandbox_locks: Default::default(),
             events,
         })
     }
