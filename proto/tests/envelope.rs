@@ -29,6 +29,7 @@ fn agent_messages_round_trip() {
                 ..Default::default()
             }),
             applied_topology_version: 7,
+            mesh: None,
         })),
     };
     round_trip(&hello);
