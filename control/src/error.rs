@@ -87,6 +87,40 @@ pub enum ControlError {
     Serve(String),
     #[error("local agent: {0}")]
     LocalAgent(String),
+    #[error("{0}")]
+    Model(#[from] policy::ModelError),
+    #[error("network `{0}` not found")]
+    NetworkNotFound(String),
+    #[error("network `{0}` already exists")]
+    NetworkExists(String),
+    #[error(
+        "sandbox `{sandbox}` is {status}; only a sandbox that is not archived can be attached"
+    )]
+    SandboxNotAttachable { sandbox: String, status: String },
+    #[error("sandbox `{sandbox}` is not attached to network `{network}`; attach it first with `gstacks network attach {network} {sandbox}`")]
+    SandboxNotAttached { sandbox: String, network: String },
+    #[error("sandbox `{sandbox}` is already attached to network `{network}`; add more aliases with `gstacks network alias add`")]
+    SandboxAlreadyAttached { sandbox: String, network: String },
+    #[error(
+        "alias `{alias}` already exists in network `{network}` (published by sandbox `{sandbox}`)"
+    )]
+    AliasExists {
+        alias: String,
+        network: String,
+        sandbox: String,
+    },
+    #[error("alias `{alias}` not found in network `{network}`")]
+    AliasNotFound { alias: String, network: String },
+    #[error("policy rule `{id}` not found in network `{network}`")]
+    PolicyRuleNotFound { id: String, network: String },
+    #[error("rule `{id}` in network `{network}` already allows {what}")]
+    PolicyRuleExists {
+        id: String,
+        network: String,
+        what: String,
+    },
+    #[error("the overlay address range 100.64.0.0/10 is exhausted")]
+    OverlayExhausted,
 }
 
 impl From<ControlError> for tonic::Status {
@@ -105,6 +139,17 @@ impl From<ControlError> for tonic::Status {
             | ControlError::SandboxHostUnavailable { .. }
             | ControlError::NoHost(_) => tonic::Status::failed_precondition(msg),
             ControlError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            ControlError::Model(_) => tonic::Status::invalid_argument(msg),
+            ControlError::NetworkNotFound(_)
+            | ControlError::AliasNotFound { .. }
+            | ControlError::PolicyRuleNotFound { .. } => tonic::Status::not_found(msg),
+            ControlError::NetworkExists(_)
+            | ControlError::AliasExists { .. }
+            | ControlError::SandboxAlreadyAttached { .. }
+            | ControlError::PolicyRuleExists { .. } => tonic::Status::already_exists(msg),
+            ControlError::SandboxNotAttachable { .. }
+            | ControlError::SandboxNotAttached { .. }
+            | ControlError::OverlayExhausted => tonic::Status::failed_precondition(msg),
             ControlError::CommandTimeout { .. } => tonic::Status::deadline_exceeded(msg),
             ControlError::SessionClosed(_) => tonic::Status::unavailable(msg),
             ControlError::Agent { code, .. } => match code {

@@ -5,9 +5,13 @@
 //! Secrets never reach the store in clear: tokens and credentials are kept
 //! as SHA-256 hashes (see [`crate::secret`]).
 
+pub mod network;
 pub mod sqlite;
 
 use crate::error::Result;
+pub use network::{
+    Alias, AttachedSandbox, Attachment, MeshNode, Network, NodeKind, PolicyRule, Topology,
+};
 use proto::{Event, Telemetry};
 
 /// Id of the BYO cluster every installation has.
@@ -390,6 +394,74 @@ pub trait Store: Send + Sync + 'static {
         tail: Option<u32>,
     ) -> Result<Vec<StoredEvent>>;
 
+    // Runtime networks. Every call that changes what a netmap shows bumps
+    // the one cluster-wide topology version in its own transaction and
+    // returns the new version; subscribers of [`Store::subscribe_topology`]
+    // hear it after the commit.
+
+    fn topology_version(&self) -> Result<u64>;
+    /// The latest committed topology version.
+    fn subscribe_topology(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Fails with `NetworkExists` when the name is taken.
+    fn create_network(&self, name: &str, now_ms: i64) -> Result<Network>;
+    fn network(&self, name: &str) -> Result<Option<Network>>;
+    /// All networks by name.
+    fn networks(&self) -> Result<Vec<Network>>;
+    fn network_attachments(&self, network: &str) -> Result<Vec<Attachment>>;
+    /// Aliases of a network by name.
+    fn network_aliases(&self, network: &str) -> Result<Vec<Alias>>;
+    /// Attaches an existing, not archived sandbox, with an optional first
+    /// alias (unique in the network).
+    fn attach_sandbox(
+        &self,
+        network: &str,
+        sandbox_id: &str,
+        alias: Option<(&str, &[u16])>,
+        now_ms: i64,
+    ) -> Result<u64>;
+    /// Removes the attachment and the sandbox's aliases in the network.
+    fn detach_sandbox(&self, network: &str, sandbox_id: &str) -> Result<u64>;
+    /// A further alias of an attached sandbox.
+    fn add_alias(
+        &self,
+        network: &str,
+        sandbox_id: &str,
+        alias: &str,
+        ports: &[u16],
+        now_ms: i64,
+    ) -> Result<u64>;
+    fn remove_alias(&self, network: &str, alias: &str) -> Result<u64>;
+    /// Rules of a network in decision order (oldest first).
+    fn policy_rules(&self, network: &str) -> Result<Vec<PolicyRule>>;
+    /// Refuses a rule equal (from, to, port) to an existing one.
+    fn add_policy_rule(&self, rule: &PolicyRule) -> Result<u64>;
+    fn remove_policy_rule(&self, network: &str, id: &str) -> Result<u64>;
+    /// A host agent's node from its Hello: created with its overlay
+    /// addresses on the first one; key and endpoint kept current. The
+    /// version is `Some` when anything changed.
+    fn record_agent_node(
+        &self,
+        host_id: &str,
+        public_key: &str,
+        endpoint: &str,
+        now_ms: i64,
+    ) -> Result<(MeshNode, Option<u64>)>;
+    /// A laptop node joining a network (created on its first join).
+    fn join_local_node(
+        &self,
+        node_id: &str,
+        network: &str,
+        public_key: &str,
+        endpoint: &str,
+        now_ms: i64,
+    ) -> Result<(MeshNode, u64)>;
+    fn mesh_node(&self, id: &str) -> Result<Option<MeshNode>>;
+    /// A sandbox as the network model sees it (host, status, addresses, tags).
+    fn network_sandbox(&self, id: &str) -> Result<Option<AttachedSandbox>>;
+    /// Counts a connection an agent refused by policy.
+    fn record_denied_connection(&self, network: &str, at_ms: i64) -> Result<()>;
+    /// Everything netmaps are made of, as one consistent snapshot.
+    fn topology(&self) -> Result<Topology>;
     fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<()>;
     fn sandbox(&self, id: &str) -> Result<Option<Sandbox>>;
     /// Sandboxes matching the filter, oldest first.

@@ -7,6 +7,9 @@ use std::sync::Mutex;
 use prost::Message as _;
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
 
+mod network;
+
+use super::{Alias, AttachedSandbox, Attachment, MeshNode, Network, PolicyRule, Topology};
 use super::{
     Cluster, Host, HostStatus, OperatorToken, ProvisioningToken, Sandbox, SandboxFilter,
     SandboxRepo, SandboxStatus, Store, StoredEvent, StoredSandboxEvent, TokenUsage, VolumeMount,
@@ -23,6 +26,7 @@ const MIGRATIONS: &[Migration] = &[
     migrate_1_schema,
     migrate_2_default_cluster,
     migrate_3_sandboxes,
+    network::migrate_networks,
 ];
 
 /// Host events kept per host; older ones are pruned.
@@ -152,6 +156,8 @@ fn now_ms() -> i64 {
 pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The latest committed topology version.
+    topology: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -184,9 +190,11 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
+        let version = network::topology_version(&conn)?;
         Ok(SqliteStore {
             path: path.to_owned(),
             conn: Mutex::new(conn),
+            topology: tokio::sync::watch::Sender::new(version),
         })
     }
 
@@ -202,6 +210,27 @@ impl SqliteStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut conn)
+    }
+
+    /// Runs a topology change in one transaction; after the commit, the
+    /// new version is announced to subscribers.
+    fn change<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let (value, version) = self.with(|conn| {
+            let tx = conn.transaction()?;
+            let value = f(&tx)?;
+            let version = network::topology_version(&tx)?;
+            tx.commit()?;
+            Ok((value, version))
+        })?;
+        self.topology.send_if_modified(|current| {
+            if version > *current {
+                *current = version;
+                true
+            } else {
+                false
+            }
+        });
+        Ok(value)
     }
 }
 
@@ -782,6 +811,117 @@ impl Store for SqliteStore {
         })
     }
 
+    fn topology_version(&self) -> Result<u64> {
+        self.with(|conn| network::topology_version(conn))
+    }
+
+    fn subscribe_topology(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.topology.subscribe()
+    }
+
+    fn create_network(&self, name: &str, now_ms: i64) -> Result<Network> {
+        self.change(|tx| network::create_network(tx, name, now_ms))
+    }
+
+    fn network(&self, name: &str) -> Result<Option<Network>> {
+        self.with(|conn| network::network(conn, name))
+    }
+
+    fn networks(&self) -> Result<Vec<Network>> {
+        self.with(|conn| network::networks(conn))
+    }
+
+    fn network_attachments(&self, name: &str) -> Result<Vec<Attachment>> {
+        self.with(|conn| network::attachments(conn, name))
+    }
+
+    fn network_aliases(&self, name: &str) -> Result<Vec<Alias>> {
+        self.with(|conn| network::aliases(conn, name))
+    }
+
+    fn attach_sandbox(
+        &self,
+        name: &str,
+        sandbox_id: &str,
+        alias: Option<(&str, &[u16])>,
+        now_ms: i64,
+    ) -> Result<u64> {
+        self.change(|tx| network::attach(tx, name, sandbox_id, alias, now_ms))
+    }
+
+    fn detach_sandbox(&self, name: &str, sandbox_id: &str) -> Result<u64> {
+        self.change(|tx| network::detach(tx, name, sandbox_id))
+    }
+
+    fn add_alias(
+        &self,
+        name: &str,
+        sandbox_id: &str,
+        alias: &str,
+        ports: &[u16],
+        now_ms: i64,
+    ) -> Result<u64> {
+        self.change(|tx| network::add_alias(tx, name, sandbox_id, alias, ports, now_ms))
+    }
+
+    fn remove_alias(&self, name: &str, alias: &str) -> Result<u64> {
+        self.change(|tx| network::remove_alias(tx, name, alias))
+    }
+
+    fn policy_rules(&self, name: &str) -> Result<Vec<PolicyRule>> {
+        self.with(|conn| network::policy_rules(conn, name))
+    }
+
+    fn add_policy_rule(&self, rule: &PolicyRule) -> Result<u64> {
+        self.change(|tx| network::add_policy_rule(tx, rule))
+    }
+
+    fn remove_policy_rule(&self, name: &str, id: &str) -> Result<u64> {
+        self.change(|tx| network::remove_policy_rule(tx, name, id))
+    }
+
+    fn record_agent_node(
+        &self,
+        host_id: &str,
+        public_key: &str,
+        endpoint: &str,
+        now_ms: i64,
+    ) -> Result<(MeshNode, Option<u64>)> {
+        self.change(|tx| network::record_agent_node(tx, host_id, public_key, endpoint, now_ms))
+    }
+
+    fn join_local_node(
+        &self,
+        node_id: &str,
+        name: &str,
+        public_key: &str,
+        endpoint: &str,
+        now_ms: i64,
+    ) -> Result<(MeshNode, u64)> {
+        self.change(|tx| network::join_local_node(tx, node_id, name, public_key, endpoint, now_ms))
+    }
+
+    fn mesh_node(&self, id: &str) -> Result<Option<MeshNode>> {
+        self.with(|conn| network::node(conn, id))
+    }
+
+    fn network_sandbox(&self, id: &str) -> Result<Option<AttachedSandbox>> {
+        self.with(|conn| network::sandbox(conn, id))
+    }
+
+    fn record_denied_connection(&self, name: &str, at_ms: i64) -> Result<()> {
+        self.with(|conn| network::record_denied_connection(conn, name, at_ms))
+    }
+
+    fn topology(&self) -> Result<Topology> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let topology = network::topology(&tx)?;
+            tx.commit()?;
+            Ok(topology)
+        })
+    }
+
     fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<()> {
         self.with(|conn| write_sandbox(conn, sandbox, true).map(drop))
     }
@@ -816,7 +956,16 @@ impl Store for SqliteStore {
     }
 
     fn update_sandbox(&self, sandbox: &Sandbox) -> Result<bool> {
-        self.with(|conn| Ok(write_sandbox(conn, sandbox, false)? == 1))
+        // A change of what netmaps show (host, status, addresses, tags) of
+        // an attached sandbox bumps the topology version in this transaction.
+        self.change(|tx| {
+            let before = network::sandbox(tx, &sandbox.id)?;
+            let updated = write_sandbox(tx, sandbox, false)? == 1;
+            if updated {
+                network::after_sandbox_write(tx, before.as_ref(), &sandbox.id)?;
+            }
+            Ok(updated)
+        })
     }
 
     fn sandbox_by_container(
