@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod hosts;
+mod networks;
 mod output;
 mod sandboxes;
 mod terminal;
@@ -47,9 +48,132 @@ enum Cmd {
     /// Clusters.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Runtime networks: aliases, attachments, policy, diagnostics.
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Sandboxes: create, list, show, start, stop, reprovision, deprovision.
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum NetworkCmd {
+    /// Create a network; its aliases are <alias>.<name>.gstacks.
+    Create {
+        /// A DNS label: lowercase letters, digits and `-`.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Networks with DNS suffix, topology version, members, aliases, rules.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One network: members, aliases, policy, denied connections.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a sandbox, optionally publishing a first alias.
+    Attach {
+        network: String,
+        sandbox_id: String,
+        #[arg(long)]
+        alias: Option<String>,
+        /// A port the alias exposes (repeat for more; 1-65535).
+        #[arg(long = "port", requires = "alias")]
+        ports: Vec<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach a sandbox; its aliases in the network go with it.
+    Detach {
+        network: String,
+        sandbox_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Aliases: add, list, remove.
+    #[command(subcommand)]
+    Alias(AliasCmd),
+    /// Policy rules (default deny): allow, list, remove.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Where an alias leads: sandbox, host, mesh node.
+    Resolve {
+        network: String,
+        alias: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the participating agents whether SOURCE reaches ALIAS:PORT;
+    /// exits 1 when a check fails.
+    Test {
+        network: String,
+        /// `local`, an alias, `sandbox:<id>`, `tag:<tag>` or `*`.
+        source: String,
+        /// `<alias>:<port>`, e.g. api:8080.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AliasCmd {
+    /// Publish another alias of an attached sandbox.
+    Add {
+        network: String,
+        sandbox_id: String,
+        alias: String,
+        /// A port the alias exposes (repeat for more; 1-65535).
+        #[arg(long = "port", required = true)]
+        ports: Vec<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        network: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        network: String,
+        alias: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PolicyCmd {
+    /// Allow SOURCE to reach an alias (and port; default any port).
+    Allow {
+        network: String,
+        /// `local`, an alias, `sandbox:<id>`, `tag:<tag>` or `*`.
+        #[arg(long)]
+        from: String,
+        /// An alias of the network, or `*`.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: Option<u32>,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        network: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        network: String,
+        rule_id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -303,7 +427,73 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             TokenCmd::Revoke { id, json } => tokens::revoke(&mut api, id, json).await?,
         },
         Cmd::Cluster(ClusterCmd::List { json }) => tokens::clusters(&mut api, json).await?,
+        Cmd::Network(cmd) => return network(&mut api, cmd).await,
         Cmd::Sandbox(cmd) => return sandbox(&mut api, cmd).await,
+    }
+    Ok(0)
+}
+
+async fn network(api: &mut client::Api, cmd: NetworkCmd) -> anyhow::Result<i32> {
+    match cmd {
+        NetworkCmd::Create { name, json } => networks::create(api, name, json).await?,
+        NetworkCmd::List { json } => networks::list(api, json).await?,
+        NetworkCmd::Show { name, json } => networks::show(api, name, json).await?,
+        NetworkCmd::Attach {
+            network,
+            sandbox_id,
+            alias,
+            ports,
+            json,
+        } => networks::attach(api, network, sandbox_id, alias, ports, json).await?,
+        NetworkCmd::Detach {
+            network,
+            sandbox_id,
+            json,
+        } => networks::detach(api, network, sandbox_id, json).await?,
+        NetworkCmd::Alias(AliasCmd::Add {
+            network,
+            sandbox_id,
+            alias,
+            ports,
+            json,
+        }) => networks::alias_add(api, network, sandbox_id, alias, ports, json).await?,
+        NetworkCmd::Alias(AliasCmd::List { network, json }) => {
+            networks::alias_list(api, network, json).await?
+        }
+        NetworkCmd::Alias(AliasCmd::Remove {
+            network,
+            alias,
+            json,
+        }) => networks::alias_remove(api, network, alias, json).await?,
+        NetworkCmd::Policy(PolicyCmd::Allow {
+            network,
+            from,
+            to,
+            port,
+            json,
+        }) => networks::policy_allow(api, network, from, to, port, json).await?,
+        NetworkCmd::Policy(PolicyCmd::List { network, json }) => {
+            networks::policy_list(api, network, json).await?
+        }
+        NetworkCmd::Policy(PolicyCmd::Remove {
+            network,
+            rule_id,
+            json,
+        }) => networks::policy_remove(api, network, rule_id, json).await?,
+        NetworkCmd::Resolve {
+            network,
+            alias,
+            json,
+        } => networks::resolve(api, network, alias, json).await?,
+        NetworkCmd::Test {
+            network,
+            source,
+            target,
+            json,
+        } => {
+            let passed = networks::test(api, network, source, target, json).await?;
+            return Ok(if passed { 0 } else { 1 });
+        }
     }
     Ok(0)
 }

@@ -128,6 +128,7 @@ impl AgentService for AgentApi {
             ),
         );
         tracing::info!(host = %host.id, name = %host.name, "host connected");
+        self.plane.agent_hello(&host.id, hello.mesh.as_ref());
         tokio::spawn(run_session(self.plane.clone(), session.clone(), inbound));
         // Rediscovery: the agent reports its managed containers, the
         // records are rebound (needs the session loop above for the reply).
@@ -245,6 +246,9 @@ async fn handle_message(
                 if event.at_ms == 0 {
                     event.at_ms = now;
                 }
+                if event.kind == crate::networks::DENIED_EVENT {
+                    plane.count_denied_connection(&event);
+                }
                 plane.record_event(&session.host_id, event);
             }
         },
@@ -255,6 +259,7 @@ async fn handle_message(
             }
         }
         Some(Body::Hello(hello)) => {
+            plane.agent_hello(&session.host_id, hello.mesh.as_ref());
             if let Some(telemetry) = hello.telemetry {
                 if let Err(err) =
                     plane

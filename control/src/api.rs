@@ -263,6 +263,152 @@ impl ControlApi for OperatorApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn create_network(
+        &self,
+        request: Request<CreateNetworkRequest>,
+    ) -> Result<Response<NetworkRecord>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let record = self.plane.create_network(&request.into_inner().name)?;
+        Ok(Response::new(record))
+    }
+
+    async fn list_networks(
+        &self,
+        request: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let (networks, topology_version) = self.plane.list_networks()?;
+        Ok(Response::new(ListNetworksResponse {
+            networks,
+            topology_version,
+        }))
+    }
+
+    async fn get_network(
+        &self,
+        request: Request<GetNetworkRequest>,
+    ) -> Result<Response<NetworkRecord>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let name = request.into_inner().name;
+        Ok(Response::new(self.plane.network_record(name.trim())?))
+    }
+
+    async fn attach_sandbox(
+        &self,
+        request: Request<AttachSandboxRequest>,
+    ) -> Result<Response<NetworkChange>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let change =
+            self.plane
+                .attach_sandbox(r.network.trim(), r.sandbox_id.trim(), &r.alias, &r.ports)?;
+        Ok(Response::new(change))
+    }
+
+    async fn detach_sandbox(
+        &self,
+        request: Request<DetachSandboxRequest>,
+    ) -> Result<Response<NetworkChange>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let change = self
+            .plane
+            .detach_sandbox(r.network.trim(), r.sandbox_id.trim())?;
+        Ok(Response::new(change))
+    }
+
+    async fn add_alias(
+        &self,
+        request: Request<AddAliasRequest>,
+    ) -> Result<Response<NetworkChange>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let change =
+            self.plane
+                .add_alias(r.network.trim(), r.sandbox_id.trim(), &r.alias, &r.ports)?;
+        Ok(Response::new(change))
+    }
+
+    async fn list_aliases(
+        &self,
+        request: Request<ListAliasesRequest>,
+    ) -> Result<Response<ListAliasesResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let aliases = self
+            .plane
+            .list_aliases(request.into_inner().network.trim())?;
+        Ok(Response::new(ListAliasesResponse { aliases }))
+    }
+
+    async fn remove_alias(
+        &self,
+        request: Request<RemoveAliasRequest>,
+    ) -> Result<Response<NetworkChange>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let change = self.plane.remove_alias(r.network.trim(), &r.alias)?;
+        Ok(Response::new(change))
+    }
+
+    async fn allow_policy(
+        &self,
+        request: Request<AllowPolicyRequest>,
+    ) -> Result<Response<AllowPolicyResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let (rule, topology_version) =
+            self.plane
+                .allow_policy(r.network.trim(), &r.from, &r.to, r.port)?;
+        Ok(Response::new(AllowPolicyResponse {
+            rule: Some(rule),
+            topology_version,
+        }))
+    }
+
+    async fn list_policy_rules(
+        &self,
+        request: Request<ListPolicyRulesRequest>,
+    ) -> Result<Response<ListPolicyRulesResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let rules = self
+            .plane
+            .list_policy_rules(request.into_inner().network.trim())?;
+        Ok(Response::new(ListPolicyRulesResponse { rules }))
+    }
+
+    async fn remove_policy_rule(
+        &self,
+        request: Request<RemovePolicyRuleRequest>,
+    ) -> Result<Response<NetworkChange>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let change = self.plane.remove_policy_rule(r.network.trim(), &r.id)?;
+        Ok(Response::new(change))
+    }
+
+    async fn resolve_alias(
+        &self,
+        request: Request<ResolveAliasRequest>,
+    ) -> Result<Response<ResolveAliasResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let resolved = self.plane.resolve_alias(r.network.trim(), r.alias.trim())?;
+        Ok(Response::new(resolved))
+    }
+
+    async fn test_network(
+        &self,
+        request: Request<TestNetworkRequest>,
+    ) -> Result<Response<TestNetworkResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let r = request.into_inner();
+        let outcome = self
+            .plane
+            .test_network(r.network.trim(), &r.source, r.alias.trim(), r.port)
+            .await?;
+        Ok(Response::new(outcome))
+    }
+
     async fn create_sandbox(
         &self,
         request: Request<CreateSandboxRequest>,

@@ -3,6 +3,8 @@
 //! - [`store`]: the `Store` trait and its embedded SQLite implementation.
 //! - [`plane`]: enrollment, credentials, revocation, host events.
 //! - [`sessions`]: one handle per connected host; commands and replies.
+//! - [`networks`]: runtime networks, aliases, policy, diagnostics;
+//!   [`netmap`] computes a node's netmap, [`netmaps`] delivers them.
 //! - [`placement`]: which host takes a new sandbox (pure logic).
 //! - [`sandboxes`]: the sandbox lifecycle over the hosts' streams, history,
 //!   rediscovery when an agent connects.
@@ -18,6 +20,9 @@ pub mod api;
 pub mod clock;
 pub mod dev;
 pub mod error;
+pub mod netmap;
+pub mod netmaps;
+pub mod networks;
 pub mod placement;
 pub mod plane;
 pub mod sandboxes;

@@ -54,6 +54,8 @@ pub struct ControlPlane {
     pub store: Arc<dyn Store>,
     pub sessions: Sessions,
     pub settings: Settings,
+    /// Netmap delivery state (its task is [`crate::netmaps::run`]).
+    pub netmaps: crate::netmaps::NetmapDelivery,
     /// Serialises the operations on each sandbox.
     pub sandbox_locks: crate::sandboxes::SandboxLocks,
     /// Wakes `host logs --follow` readers: carries the new event's host id.
@@ -100,6 +102,7 @@ impl ControlPlane {
             store,
             sessions: Sessions::default(),
             settings,
+            netmaps: crate::netmaps::NetmapDelivery::default(),
             sandbox_locks: Default::default(),
             events,
         })

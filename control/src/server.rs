@@ -124,6 +124,7 @@ pub async fn start(options: ServeOptions) -> Result<Running> {
     let store = SqliteStore::open(&options.data_dir.join(STORE_FILE))?;
     let plane = ControlPlane::new(Arc::new(store), options.settings.clone());
     plane.start_fresh()?;
+    tokio::spawn(crate::netmaps::run(plane.clone()));
     let first_operator_token = if options.first_operator_token {
         plane.ensure_first_operator_token()?
     } else {

@@ -95,6 +95,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub const DEFAULT_COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 
 impl HostSession {
+    /// This stream's number: a reconnect of the same host gets a new one.
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    /// Queues a message without waiting: false when the queue is full or
+    /// the stream is gone (netmaps are superseded by the next one anyway).
+    pub fn try_send(&self, message: ControlMessage) -> Result<(), TrySendError> {
+        match self.outbound.try_send(Ok(message)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(TrySendError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(TrySendError::Closed),
+        }
+    }
+
     pub fn last_seen_ms(&self) -> i64 {
         self.last_seen_ms.load(Ordering::Relaxed)
     }
@@ -246,6 +261,13 @@ impl HostSession {
     }
 }
 
+/// Why [`HostSession::try_send`] did not queue a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrySendError {
+    Full,
+    Closed,
+}
+
 /// The registry of open streams, by host id.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -313,6 +335,11 @@ impl Sessions {
         for session in all {
             session.close(reason.clone());
         }
+    }
+
+    /// Every open stream.
+    pub fn all(&self) -> Vec<Arc<HostSession>> {
+        lock(&self.hosts).values().cloned().collect()
     }
 
     pub fn connected(&self) -> usize {

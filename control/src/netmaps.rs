@@ -1,0 +1,179 @@
+//! Netmap delivery over the agents' control streams.
+//!
+//! One task ([`run`]) owns every send, so a host never receives an older
+//! netmap after a newer one. It wakes on two things:
+//! - a new committed topology version (the store's watch): it reads one
+//!   snapshot, prepares it once ([`NetmapIndex`]) and sends each connected
+//!   host its netmap if its content differs from the last one that host got
+//!   (so only the hosts a change concerns hear about it);
+//! - a Hello: that host gets its netmap at once, changed or not (it needs its
+//!   overlay addresses, and a reconnecting agent the current version).
+//!
+//! A host whose outbound queue is full is retried shortly after; what it
+//! gets then is the netmap of that moment (netmaps supersede each other).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::netmap::{content_digest, NetmapIndex};
+use crate::plane::ControlPlane;
+use crate::sessions::{HostSession, TrySendError};
+use proto::{control_message, ControlMessage, Netmap};
+
+/// Wait before retrying hosts whose queue was full.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// What a host was last sent on which stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    conn_id: u64,
+    version: u64,
+    digest: [u8; 32],
+}
+
+/// Shared state between the session handlers and the delivery task.
+#[derive(Debug, Default)]
+pub struct NetmapDelivery {
+    /// Hosts that said hello and wait for their netmap.
+    hellos: Mutex<HashSet<String>>,
+    wake: Notify,
+    sent: Mutex<HashMap<String, Sent>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl NetmapDelivery {
+    /// A host said hello: send it its netmap now.
+    pub fn after_hello(&self, host_id: &str) {
+        lock(&self.hellos).insert(host_id.to_owned());
+        self.wake.notify_one();
+    }
+
+    /// The version of the last netmap queued for the host, if its content is
+    /// still current; None when the host has not been sent one yet or a
+    /// newer one is on its way.
+    pub fn current_version_sent(&self, host_id: &str, current: &Netmap) -> Option<u64> {
+        let sent = lock(&self.sent).get(host_id).copied()?;
+        (sent.digest == content_digest(current)).then_some(sent.version)
+    }
+
+    /// Number of netmaps queued so far for the host (tests, diagnostics).
+    pub fn last_sent_version(&self, host_id: &str) -> Option<u64> {
+        lock(&self.sent).get(host_id).map(|s| s.version)
+    }
+
+    fn take_hellos(&self) -> HashSet<String> {
+        std::mem::take(&mut *lock(&self.hellos))
+    }
+}
+
+fn netmap_message(netmap: Netmap) -> ControlMessage {
+    ControlMessage {
+        body: Some(control_message::Body::Netmap(netmap)),
+    }
+}
+
+/// Sends `session` its netmap from `index` unless it already has the same
+/// content on this stream (or `force`). Returns false when its queue was full.
+fn deliver(
+    delivery: &NetmapDelivery,
+    index: &NetmapIndex,
+    session: &HostSession,
+    force: bool,
+) -> bool {
+    let Some(netmap) = index.for_host(&session.host_id) else {
+        // No node yet (the Hello that creates it is still being handled).
+        return true;
+    };
+    let digest = content_digest(&netmap);
+    let previous = lock(&delivery.sent).get(&session.host_id).copied();
+    let fresh_stream = previous.is_none_or(|p| p.conn_id != session.conn_id());
+    if !force && !fresh_stream && previous.is_some_and(|p| p.digest == digest) {
+        return true;
+    }
+    let version = netmap.topology_version;
+    match session.try_send(netmap_message(netmap)) {
+        Ok(()) => {
+            lock(&delivery.sent).insert(
+                session.host_id.clone(),
+                Sent {
+                    conn_id: session.conn_id(),
+                    version,
+                    digest,
+                },
+            );
+            tracing::debug!(host = %session.host_id, version, "netmap sent");
+            true
+        }
+        Err(TrySendError::Full) => false,
+        Err(TrySendError::Closed) => true,
+    }
+}
+
+/// The delivery task; runs until the process ends.
+pub async fn run(plane: Arc<ControlPlane>) {
+    let delivery = &plane.netmaps;
+    let mut versions = plane.store.subscribe_topology();
+    versions.borrow_and_update();
+    // Hosts whose queue was full, retried after a pause; `force` carried.
+    let mut retry: HashMap<String, bool> = HashMap::new();
+    loop {
+        let mut all = false;
+        tokio::select! {
+            () = delivery.wake.notified() => {}
+            changed = versions.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                versions.borrow_and_update();
+                all = true;
+            }
+            () = tokio::time::sleep(RETRY_AFTER), if !retry.is_empty() => {}
+        }
+        let hellos = delivery.take_hellos();
+        let topology = match plane.store.topology() {
+            Ok(topology) => topology,
+            Err(err) => {
+                tracing::warn!(error = %err, "topology not read; netmaps not sent");
+                for host in hellos {
+                    retry.insert(host, true);
+                }
+                continue;
+            }
+        };
+        let index = NetmapIndex::new(&topology);
+        let mut targets: HashMap<String, bool> = std::mem::take(&mut retry);
+        for host in hellos {
+            targets.insert(host, true);
+        }
+        if all {
+            for session in plane.sessions.all() {
+                targets.entry(session.host_id.clone()).or_insert(false);
+            }
+        }
+        let mut sent = 0usize;
+        for (host, force) in targets {
+            let Some(session) = plane.sessions.get(&host) else {
+                continue;
+            };
+            if deliver(delivery, &index, &session, force) {
+                sent += 1;
+            } else {
+                retry.insert(host, force);
+            }
+        }
+        tracing::debug!(
+            version = index.version(),
+            hosts = sent,
+            full = retry.len(),
+            "netmaps delivered"
+        );
+    }
+}
