@@ -1,0 +1,214 @@
+//! Shared by the runtime-network end-to-end tests: the control plane in
+//! the test's process (so that a test can register sandbox records through
+//! the `Store` trait), the `gstacks` CLI as a subprocess against it, and
+//! enrollment through the real AgentService.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use control::plane::Settings;
+use control::server::{Running, ServeOptions, TlsSource};
+use control::store::{Sandbox, SandboxRepo, SandboxStatus};
+use proto::agent_service_client::AgentServiceClient;
+use proto::{EnrollRequest, Telemetry};
+use serde_json::Value;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The control plane in this process, and a private HOME for the CLI.
+pub struct Cluster {
+    pub data_dir: tempfile::TempDir,
+    home: tempfile::TempDir,
+    running: Option<Running>,
+    pub token: String,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let data_dir = tempfile::tempdir().unwrap();
+        let running = serve(data_dir.path()).await;
+        let token = running
+            .first_operator_token
+            .as_ref()
+            .expect("first start makes an operator token")
+            .secret
+            .expose()
+            .to_owned();
+        Cluster {
+            data_dir,
+            home: tempfile::tempdir().unwrap(),
+            running: Some(running),
+            token,
+        }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        self.running().url()
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.path().join("tls/cert.pem")
+    }
+
+    /// Stops the control plane and starts it again on the same store.
+    pub async fn restart(&mut self) {
+        self.running.take().unwrap().shutdown().await.unwrap();
+        let running = serve(self.data_dir.path()).await;
+        assert!(running.first_operator_token.is_none());
+        self.running = Some(running);
+    }
+
+    /// `gstacks <args>` against this control plane.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let mut command = Command::new(tests::binary("gstacks"));
+        command
+            .args(args)
+            .env("HOME", self.home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env("GLOBALSTACKS_API_URL", self.running().url())
+            .env("GLOBALSTACKS_API_TOKEN", &self.token)
+            .env("GLOBALSTACKS_API_CA_FILE", self.ca_file())
+            .stdin(Stdio::null());
+        tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// `gstacks <args> --json`, which must succeed.
+    pub async fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all).await;
+        assert!(out.status.success(), "gstacks {all:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{all:?}: {e}: {out:?}"))
+    }
+
+    /// `gstacks <args>`, which must fail with one line naming the problem.
+    pub async fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args).await;
+        assert!(
+            !out.status.success(),
+            "gstacks {args:?} succeeded: {}",
+            text(&out)
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        err.trim().to_owned()
+    }
+
+    pub async fn version(&self) -> u64 {
+        self.running().plane.store.topology_version().unwrap()
+    }
+
+    /// A sandbox record on `host_id` whose runtime address is `address`.
+    pub fn add_sandbox(&self, id: &str, host_id: &str, address: &str, tags: &[&str]) {
+        let now = control::clock::now_ms();
+        let sandbox = Sandbox {
+            id: id.to_owned(),
+            cluster_id: "cls_default".to_owned(),
+            host_id: host_id.to_owned(),
+            name: id.to_owned(),
+            image: "local/test".to_owned(),
+            image_digest: String::new(),
+            blueprint_id: String::new(),
+            status: SandboxStatus::Running,
+            status_message: String::new(),
+            container_id: String::new(),
+            container_name: String::new(),
+            addresses: vec![address.to_owned()],
+            docker_network: String::new(),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            traits: Vec::new(),
+            volumes: Vec::new(),
+            repo: SandboxRepo::default(),
+            memory_bytes: 0,
+            millicpus: 0,
+            created_by: "test".to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            archived_at_ms: 0,
+        };
+        self.running().plane.store.insert_sandbox(&sandbox).unwrap();
+    }
+
+    /// Enrolls a host through the real AgentService.
+    pub async fn enroll(&self, hostname: &str) -> (String, String) {
+        let (_, secret) = self
+            .running()
+            .plane
+            .create_provisioning_token("cls_default", "network test", false, None)
+            .unwrap();
+        let mut client = AgentServiceClient::new(self.channel().await);
+        let enrolled = client
+            .enroll(EnrollRequest {
+                provisioning_token: secret.expose().to_owned(),
+                facts: Some(Telemetry {
+                    hostname: hostname.to_owned(),
+                    ..Telemetry::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (enrolled.host_id, enrolled.stream_credential)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        let pem = std::fs::read(self.ca_file()).unwrap();
+        Channel::from_shared(self.running().url())
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+pub async fn serve(data_dir: &std::path::Path) -> Running {
+    control::server::start(ServeOptions {
+        data_dir: data_dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: TlsSource::Dev,
+        settings: Settings::default(),
+        first_operator_token: true,
+    })
+    .await
+    .unwrap()
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls an async condition with a deadline.
+pub async fn tests_wait<T, F, Fut>(check: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
