@@ -4,8 +4,10 @@
 //! [`NetmapIndex::new`] does the work that every node shares once per
 //! topology version (per network: its view, DNS records, rules, sandbox
 //! endpoints and member nodes); [`NetmapIndex::for_node`] then only
-//! assembles the parts of the node's networks, so a change seen by 1,000
-//! hosts costs one pass over the topology plus 1,000 assemblies.
+//! assembles the parts of the node's networks. Whether a node's netmap
+//! changed is known from per-network digests ([`NetmapIndex::digest_for_node`])
+//! without building it, so a change costs one pass over the topology, a few
+//! hashes per host, and netmaps only for the hosts it concerns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -27,6 +29,9 @@ struct NetworkPart {
     /// Nodes that take part: agents of hosts running an attached sandbox,
     /// laptops that joined.
     members: BTreeSet<String>,
+    /// SHA-256 of everything above as members' netmaps show it (members by
+    /// key, endpoint, kind and addresses; sandboxes with all their networks).
+    digest: [u8; 32],
 }
 
 /// One topology version, prepared for per-node assembly.
@@ -173,6 +178,9 @@ impl NetmapIndex {
         for sandbox in sandboxes.values_mut() {
             sandbox.networks.sort();
         }
+        for part in networks.values_mut() {
+            part.digest = part_digest(part, &nodes, &sandboxes);
+        }
         NetmapIndex {
             version: topology.version,
             nodes,
@@ -184,6 +192,34 @@ impl NetmapIndex {
 
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// A digest of what the host's netmap shows, without its version and
+    /// without building it: the node's identity and the digests of its
+    /// networks. Equal digests mean the host has nothing new to apply (a
+    /// change in a network the host shares can change it when the host's
+    /// netmap does not, e.g. a shared sandbox joining a third network: then
+    /// the host is sent an equal netmap, never the reverse).
+    pub fn digest_for_host(&self, host_id: &str) -> Option<[u8; 32]> {
+        self.digest_for_node(&agent_node_id(host_id))
+    }
+
+    pub fn digest_for_node(&self, node_id: &str) -> Option<[u8; 32]> {
+        use sha2::Digest as _;
+        let node = self.nodes.get(node_id)?;
+        let mut hash = sha2::Sha256::new();
+        hash.update(node.id.as_bytes());
+        hash.update([0]);
+        hash.update(node.kind.as_str().as_bytes());
+        hash.update(node.index.to_be_bytes());
+        for name in self.node_networks.get(node_id).into_iter().flatten() {
+            if let Some(part) = self.networks.get(name) {
+                hash.update(name.as_bytes());
+                hash.update([0]);
+                hash.update(part.digest);
+            }
+        }
+        Some(hash.finalize().into())
     }
 
     /// The netmap of a host agent's node; None if the host has no node yet.
@@ -261,14 +297,47 @@ impl NetmapIndex {
     }
 }
 
-/// A digest of a netmap's content without its version: equal digests mean
-/// the node has nothing new to apply.
-pub fn content_digest(netmap: &Netmap) -> [u8; 32] {
+/// The digest of one network's shared part, including what its members'
+/// netmaps show of each member node and each attached sandbox.
+fn part_digest(
+    part: &NetworkPart,
+    nodes: &HashMap<String, MeshNode>,
+    sandboxes: &HashMap<String, SandboxEndpoint>,
+) -> [u8; 32] {
     use prost::Message as _;
     use sha2::Digest as _;
-    let mut unversioned = netmap.clone();
-    unversioned.topology_version = 0;
-    sha2::Sha256::digest(unversioned.encode_to_vec()).into()
+    let mut hash = sha2::Sha256::new();
+    hash.update(part.view.encode_to_vec());
+    for record in &part.dns_records {
+        hash.update(record.encode_to_vec());
+    }
+    hash.update([0xff]);
+    for rule in &part.rules {
+        hash.update(rule.encode_to_vec());
+    }
+    hash.update([0xff]);
+    for id in &part.sandboxes {
+        if let Some(endpoint) = sandboxes.get(id) {
+            hash.update(endpoint.encode_to_vec());
+        }
+    }
+    hash.update([0xff]);
+    for id in &part.members {
+        if let Some(node) = nodes.get(id) {
+            for field in [
+                node.id.as_str(),
+                node.kind.as_str(),
+                node.host_id.as_str(),
+                node.public_key.as_str(),
+                node.endpoint.as_str(),
+            ] {
+                hash.update(field.as_bytes());
+                hash.update([0]);
+            }
+            hash.update(node.index.to_be_bytes());
+        }
+    }
+    hash.finalize().into()
 }
 
 #[cfg(test)]
@@ -483,10 +552,8 @@ mod tests {
         let mut t2 = t.clone();
         t2.version = 43;
         let same = NetmapIndex::new(&t2);
-        let a1 = before.for_host("hst_a").unwrap();
-        let a2 = same.for_host("hst_a").unwrap();
-        assert_ne!(a1.topology_version, a2.topology_version);
-        assert_eq!(content_digest(&a1), content_digest(&a2));
+        let a1 = before.digest_for_host("hst_a").unwrap();
+        assert_eq!(a1, same.digest_for_host("hst_a").unwrap());
         // A rule in ops changes b's netmap but not a's.
         t2.rules.push(PolicyRule {
             id: "pol_2".into(),
@@ -497,13 +564,25 @@ mod tests {
             created_at_ms: 2,
         });
         let changed = NetmapIndex::new(&t2);
-        assert_eq!(
-            content_digest(&a1),
-            content_digest(&changed.for_host("hst_a").unwrap())
-        );
+        assert_eq!(a1, changed.digest_for_host("hst_a").unwrap());
         assert_ne!(
-            content_digest(&before.for_host("hst_b").unwrap()),
-            content_digest(&changed.for_host("hst_b").unwrap())
+            before.digest_for_host("hst_b").unwrap(),
+            changed.digest_for_host("hst_b").unwrap()
+        );
+        // A peer's new key changes the digest of those who see it (a),
+        // not of those who do not (d).
+        let mut t3 = t.clone();
+        t3.nodes[1].public_key = "KEY_B2".into();
+        let rekeyed = NetmapIndex::new(&t3);
+        assert_ne!(a1, rekeyed.digest_for_host("hst_a").unwrap());
+        assert_eq!(
+            before.digest_for_host("hst_d").unwrap(),
+            rekeyed.digest_for_host("hst_d").unwrap()
+        );
+        // Distinct hosts with the same networks differ (their own addresses).
+        assert_ne!(
+            changed.digest_for_host("hst_a").unwrap(),
+            changed.digest_for_host("hst_e").unwrap()
         );
     }
 
@@ -529,6 +608,19 @@ mod tests {
                 .push(alias("big", &format!("svc-{i}"), &sbx, &[80]));
         }
         let index = NetmapIndex::new(&t);
+        // Every host's digest comes from the shared parts without building
+        // its netmap; one alias more changes all of them.
+        let digests: Vec<_> = (1..=1000)
+            .map(|i| index.digest_for_host(&format!("hst_{i}")).unwrap())
+            .collect();
+        t.aliases.push(alias("big", "extra", "sbx_1", &[81]));
+        let after = NetmapIndex::new(&t);
+        for (i, before) in digests.iter().enumerate() {
+            assert_ne!(
+                *before,
+                after.digest_for_host(&format!("hst_{}", i + 1)).unwrap()
+            );
+        }
         let n = index.for_host("hst_500").unwrap();
         assert_eq!(n.peers.len(), 999);
         assert_eq!(n.dns_records.len(), 1000);

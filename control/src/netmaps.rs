@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::netmap::{content_digest, NetmapIndex};
+use crate::netmap::NetmapIndex;
 use crate::plane::ControlPlane;
 use crate::sessions::{HostSession, TrySendError};
 use proto::{control_message, ControlMessage, Netmap};
@@ -59,12 +59,12 @@ impl NetmapDelivery {
     /// The version of the last netmap queued for the host, if its content is
     /// still current; None when the host has not been sent one yet or a
     /// newer one is on its way.
-    pub fn current_version_sent(&self, host_id: &str, current: &Netmap) -> Option<u64> {
+    pub fn current_version_sent(&self, host_id: &str, index: &NetmapIndex) -> Option<u64> {
         let sent = lock(&self.sent).get(host_id).copied()?;
-        (sent.digest == content_digest(current)).then_some(sent.version)
+        (Some(sent.digest) == index.digest_for_host(host_id)).then_some(sent.version)
     }
 
-    /// Number of netmaps queued so far for the host (tests, diagnostics).
+    /// Version of the last netmap queued for the host.
     pub fn last_sent_version(&self, host_id: &str) -> Option<u64> {
         lock(&self.sent).get(host_id).map(|s| s.version)
     }
@@ -88,16 +88,18 @@ fn deliver(
     session: &HostSession,
     force: bool,
 ) -> bool {
-    let Some(netmap) = index.for_host(&session.host_id) else {
+    let Some(digest) = index.digest_for_host(&session.host_id) else {
         // No node yet (the Hello that creates it is still being handled).
         return true;
     };
-    let digest = content_digest(&netmap);
     let previous = lock(&delivery.sent).get(&session.host_id).copied();
     let fresh_stream = previous.is_none_or(|p| p.conn_id != session.conn_id());
     if !force && !fresh_stream && previous.is_some_and(|p| p.digest == digest) {
         return true;
     }
+    let Some(netmap) = index.for_host(&session.host_id) else {
+        return true;
+    };
     let version = netmap.topology_version;
     match session.try_send(netmap_message(netmap)) {
         Ok(()) => {
@@ -119,7 +121,6 @@ fn deliver(
 
 /// The delivery task; runs until the process ends.
 pub async fn run(plane: Arc<ControlPlane>) {
-    let delivery = &plane.netmaps;
     let mut versions = plane.store.subscribe_topology();
     versions.borrow_and_update();
     // Hosts whose queue was full, retried after a pause; `force` carried.
@@ -127,7 +128,7 @@ pub async fn run(plane: Arc<ControlPlane>) {
     loop {
         let mut all = false;
         tokio::select! {
-            () = delivery.wake.notified() => {}
+            () = plane.netmaps.wake.notified() => {}
             changed = versions.changed() => {
                 if changed.is_err() {
                     return;
@@ -137,43 +138,59 @@ pub async fn run(plane: Arc<ControlPlane>) {
             }
             () = tokio::time::sleep(RETRY_AFTER), if !retry.is_empty() => {}
         }
-        let hellos = delivery.take_hellos();
-        let topology = match plane.store.topology() {
-            Ok(topology) => topology,
-            Err(err) => {
-                tracing::warn!(error = %err, "topology not read; netmaps not sent");
-                for host in hellos {
-                    retry.insert(host, true);
-                }
-                continue;
-            }
-        };
-        let index = NetmapIndex::new(&topology);
+        let hellos = plane.netmaps.take_hellos();
         let mut targets: HashMap<String, bool> = std::mem::take(&mut retry);
         for host in hellos {
             targets.insert(host, true);
         }
-        if all {
-            for session in plane.sessions.all() {
-                targets.entry(session.host_id.clone()).or_insert(false);
-            }
+        // Reading the store and building netmaps is blocking work (seconds
+        // when a network of 1,000 hosts changes): off the async workers.
+        let pass_plane = plane.clone();
+        match tokio::task::spawn_blocking(move || deliver_pass(&pass_plane, targets, all)).await {
+            Ok(left) => retry = left,
+            Err(err) => tracing::warn!(error = %err, "netmap delivery pass failed"),
         }
-        let mut sent = 0usize;
-        for (host, force) in targets {
-            let Some(session) = plane.sessions.get(&host) else {
-                continue;
-            };
-            if deliver(delivery, &index, &session, force) {
-                sent += 1;
-            } else {
-                retry.insert(host, force);
-            }
-        }
-        tracing::debug!(
-            version = index.version(),
-            hosts = sent,
-            full = retry.len(),
-            "netmaps delivered"
-        );
     }
+}
+
+/// One pass: reads the topology once, then delivers to `targets` (host ->
+/// force) and, with `all`, checks every connected host. Returns the hosts to
+/// retry (queue full, or the store could not be read).
+fn deliver_pass(
+    plane: &ControlPlane,
+    mut targets: HashMap<String, bool>,
+    all: bool,
+) -> HashMap<String, bool> {
+    let delivery = &plane.netmaps;
+    if all {
+        for session in plane.sessions.all() {
+            targets.entry(session.host_id.clone()).or_insert(false);
+        }
+    }
+    let topology = match plane.store.topology() {
+        Ok(topology) => topology,
+        Err(err) => {
+            // Everyone is tried again after the pause.
+            tracing::warn!(error = %err, "topology not read; netmaps not sent");
+            return targets;
+        }
+    };
+    let index = NetmapIndex::new(&topology);
+    let checked = targets.len();
+    let mut retry = HashMap::new();
+    for (host, force) in targets {
+        let Some(session) = plane.sessions.get(&host) else {
+            continue;
+        };
+        if !deliver(delivery, &index, &session, force) {
+            retry.insert(host, force);
+        }
+    }
+    tracing::debug!(
+        version = index.version(),
+        checked,
+        queue_full = retry.len(),
+        "netmaps delivered"
+    );
+    retry
 }

@@ -530,13 +530,9 @@ impl ControlPlane {
                 true,
                 format!("host `{host_id}` ({role} side) is connected"),
             );
-            let expected = index
-                .for_host(host_id)
-                .map(|netmap| {
-                    self.netmaps
-                        .current_version_sent(host_id, &netmap)
-                        .unwrap_or(version)
-                })
+            let expected = self
+                .netmaps
+                .current_version_sent(host_id, &index)
                 .unwrap_or(version);
             asks.push((host_id.clone(), session, expected));
         }
