@@ -38,6 +38,8 @@ pub const MESH_ENDPOINT: &str = "GLOBALSTACKS_AGENT_MESH_ENDPOINT";
 /// The address containers reach the agent on (DNS on port 53 and the
 /// container-side alias listeners).
 pub const MESH_CONTAINER_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR";
+/// Where container-side alias listeners bind (a range or one address).
+pub const MESH_CONTAINER_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_PROXY_BIND";
 
 /// Every key the agent reads; a config file may hold only these.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -55,6 +57,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     MESH_LISTEN,
     MESH_ENDPOINT,
     MESH_CONTAINER_ADDR,
+    MESH_CONTAINER_PROXY_BIND,
 ];
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gstacks-agent";

@@ -38,13 +38,24 @@ impl TestAgent {
     /// `range` is the agent's own listener range, so agents and tests do
     /// not collide.
     async fn start(host_id: &str, overlay: Ipv4Addr, range: &str) -> TestAgent {
-        let settings = NetworkSettings {
+        Self::start_with(host_id, overlay, range, |_| {}).await
+    }
+
+    async fn start_with(
+        host_id: &str,
+        overlay: Ipv4Addr,
+        range: &str,
+        adjust: impl FnOnce(&mut NetworkSettings),
+    ) -> TestAgent {
+        let mut settings = NetworkSettings {
             mesh_listen: "127.0.0.1:0".parse().unwrap(),
             mesh_endpoint: None,
             dns_addr: "127.0.0.1:0".parse().unwrap(),
             proxy_bind: ProxyBind::Range(range.parse().unwrap()),
             container_addr: None,
+            container_proxy_bind: ProxyBind::Range("100.127.77.0/24".parse().unwrap()),
         };
+        adjust(&mut settings);
         let key = PrivateKey::generate();
         let (netmaps, rx) = watch::channel(None);
         let (link, events) = Link::channel(1024);
@@ -324,7 +335,20 @@ async fn resolve_a(server: SocketAddr, name: &str) -> (u8, Vec<Ipv4Addr>) {
         .await
         .expect("a DNS answer")
         .unwrap();
-    let msg = &buf[..n];
+    parse_a(&buf[..n])
+}
+
+/// As [`resolve_a`], blocking (for a thread inside a namespace).
+fn resolve_a_blocking(server: SocketAddr, name: &str) -> (u8, Vec<Ipv4Addr>) {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    socket.send_to(&dns_query(0x4242, name, 1), server).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = socket.recv_from(&mut buf).expect("a DNS answer");
+    parse_a(&buf[..n])
+}
+
+fn parse_a(msg: &[u8]) -> (u8, Vec<Ipv4Addr>) {
     assert_eq!(&msg[..2], &0x4242u16.to_be_bytes());
     let rcode = msg[3] & 0x0f;
     let answers = u16::from_be_bytes([msg[6], msg[7]]);
@@ -785,4 +809,96 @@ async fn diagnose_reports_each_check_with_its_reason() {
     assert!(!d.checks[3].passed, "{:#?}", d.checks);
     a.stop().await;
     b.stop().await;
+}
+
+/// A container stand-in: a network namespace whose default route is the
+/// root-namespace end of its veth pair (the "bridge gateway", the agent's
+/// container address). The agent makes its container proxy range local on
+/// that interface; the container resolves the alias through the agent DNS on
+/// port 53 of the gateway and connects from its own address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_resolves_and_reaches_an_alias_through_the_gateway_root_netns() {
+    if !tests::netns::root_or_skip(
+        "a_container_resolves_and_reaches_an_alias_through_the_gateway_root_netns",
+    ) {
+        return;
+    }
+    let ns = tests::netns::Netns::create("gsn").unwrap();
+    let gateway = ns.peer_addr();
+    ns.ip(&["route", "add", "default", "via", &gateway.to_string()])
+        .unwrap();
+    // A range of our own, so parallel runs do not share it.
+    let slot = std::process::id() % 250;
+    let range = format!("100.127.{slot}.0/24");
+    let container_range: ipnet::IpNet = range.parse().unwrap();
+    let a = TestAgent::start_with("h1", Ipv4Addr::new(100, 64, 0, 1), "127.87.1.0/24", |s| {
+        s.container_addr = Some(IpAddr::V4(gateway));
+        s.container_proxy_bind = ProxyBind::Range(container_range);
+    })
+    .await;
+    let b = TestAgent::start("h2", Ipv4Addr::new(100, 64, 0, 2), "127.87.2.0/24").await;
+    let a_udp = a.join().await;
+    let b_udp = b.join().await;
+    let api_addr = Ipv4Addr::new(127, 97, 0, 12);
+    let api = echo_server(api_addr).await;
+    let world = World {
+        version: 2,
+        web_addr: ns.addr(),
+        api_addr,
+        api_port: api.port(),
+        rules: vec![rule("pol_1", "web", "api", api.port())],
+        extra_aliases: vec![],
+    };
+    a.apply(world.netmap_for(&a, vec![b.peer(b_udp)], &[&a, &b]))
+        .await;
+    b.apply(world.netmap_for(&b, vec![a.peer(a_udp)], &[&a, &b]))
+        .await;
+    let container_dns = a
+        .network
+        .container_dns_addr()
+        .expect("container DNS served");
+    assert_eq!(container_dns, SocketAddr::new(IpAddr::V4(gateway), 53));
+    let listener = a
+        .network
+        .container_listener_addr("dev", "api", world.api_port)
+        .expect("a container-side listener");
+    assert!(container_range.contains(&listener.ip()), "{listener}");
+    // The loopback DNS answers the loopback listener, not the container one.
+    let (_, loopback_answer) = resolve_a(a.network.dns_addr().unwrap(), "api.dev.gstacks").await;
+    assert_ne!(
+        loopback_answer.first().map(|v4| IpAddr::V4(*v4)),
+        Some(listener.ip())
+    );
+
+    let port = world.api_port;
+    let data = pattern(1024 * 1024);
+    let expected = data.clone();
+    let (answer, echoed) = ns
+        .run(move || {
+            use std::io::{Read, Write};
+            let (rcode, addrs) = resolve_a_blocking(container_dns, "api.dev.gstacks");
+            assert_eq!(rcode, 0);
+            let mut stream = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(IpAddr::V4(addrs[0]), port),
+                WAIT,
+            )
+            .unwrap();
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let sender = std::thread::spawn(move || {
+                writer.write_all(&data).unwrap();
+                writer.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut echoed = Vec::new();
+            stream.read_to_end(&mut echoed).unwrap();
+            sender.join().unwrap();
+            (addrs[0], echoed)
+        })
+        .unwrap();
+    assert_eq!(IpAddr::V4(answer), listener.ip());
+    assert!(echoed == expected, "the bytes came back changed");
+    assert_eq!(a.network.stats().allowed.load(Ordering::Relaxed), 1);
+    a.stop().await;
+    b.stop().await;
+    drop(ns);
 }

@@ -73,6 +73,10 @@ impl AddressBook {
         }
     }
 
+    pub fn bind(&self) -> &ProxyBind {
+        &self.bind
+    }
+
     /// The address of `alias` in `network`, once assigned.
     pub fn get(&self, network: &str, alias: &str) -> Option<IpAddr> {
         match self.bind {

@@ -17,6 +17,7 @@
 
 mod addresses;
 mod connections;
+mod container_route;
 mod diagnose;
 mod listeners;
 pub mod node_key;
@@ -370,21 +371,70 @@ struct Applier {
     shared: Arc<Shared>,
     loopback_book: AddressBook,
     container_book: Option<AddressBook>,
+    /// The container side has its final addresses (no retry needed).
+    container_range_ready: bool,
     listeners: HashMap<(Facing, ListenerKey), (SocketAddr, JoinHandle<()>)>,
 }
 
 impl Applier {
     fn new(shared: Arc<Shared>) -> Self {
         let loopback_book = AddressBook::new(shared.settings.proxy_bind.clone());
-        let container_book = shared
-            .settings
-            .container_addr
-            .map(|ip| AddressBook::new(ProxyBind::Single(ip)));
         Self {
             shared,
             loopback_book,
-            container_book,
+            container_book: None,
+            container_range_ready: false,
             listeners: HashMap::new(),
+        }
+    }
+
+    /// The container side's addresses: the configured range once its local
+    /// route is in place, else the container address alone (tried again on
+    /// the next netmap: the bridge may come up later).
+    fn container_bind(&mut self) {
+        let Some(ip) = self.shared.settings.container_addr else {
+            return;
+        };
+        if self.container_range_ready {
+            return;
+        }
+        let bind = match &self.shared.settings.container_proxy_bind {
+            ProxyBind::Single(single) => {
+                self.container_range_ready = true;
+                ProxyBind::Single(*single)
+            }
+            ProxyBind::Range(ipnet::IpNet::V4(range)) => {
+                match container_route::interface_of(ip).and_then(|(name, index)| {
+                    container_route::ensure_local_route(*range, index).map(|()| name)
+                }) {
+                    Ok(name) => {
+                        tracing::info!(%range, interface = %name, "container-side alias addresses are local on {name}");
+                        self.container_range_ready = true;
+                        ProxyBind::Range(ipnet::IpNet::V4(*range))
+                    }
+                    Err(e) => {
+                        if self.container_book.is_none() {
+                            tracing::warn!(
+                                %range,
+                                "container-side alias addresses unavailable ({e}); containers reach the listeners on {ip} alone, where aliases with the same port collide"
+                            );
+                        }
+                        ProxyBind::Single(ip)
+                    }
+                }
+            }
+            ProxyBind::Range(range) => {
+                tracing::warn!(%range, "an IPv6 container proxy range is not supported; containers reach the listeners on {ip} alone");
+                self.container_range_ready = true;
+                ProxyBind::Single(ip)
+            }
+        };
+        let changed = self
+            .container_book
+            .as_ref()
+            .is_none_or(|book| book.bind() != &bind);
+        if changed {
+            self.container_book = Some(AddressBook::new(bind));
         }
     }
 
@@ -498,6 +548,7 @@ impl Applier {
     }
 
     async fn apply_listeners(&mut self, topology: &Topology) {
+        self.container_bind();
         let keys = topology.listener_keys();
         let mut aliases: Vec<(String, String)> = keys
             .iter()

@@ -7,7 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use ipnet::IpNet;
 
 use crate::config::{
-    ConfigSource, MESH_CONTAINER_ADDR, MESH_DNS_ADDR, MESH_ENDPOINT, MESH_LISTEN, MESH_PROXY_BIND,
+    ConfigSource, MESH_CONTAINER_ADDR, MESH_CONTAINER_PROXY_BIND, MESH_DNS_ADDR, MESH_ENDPOINT,
+    MESH_LISTEN, MESH_PROXY_BIND,
 };
 use crate::error::AgentError;
 
@@ -16,6 +17,10 @@ pub const DEFAULT_MESH_LISTEN: SocketAddr =
 pub const DEFAULT_DNS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 1053);
 /// Per-alias loopback listener addresses are taken from this range.
 pub const DEFAULT_PROXY_RANGE: &str = "127.77.0.0/16";
+/// Per-alias container-side addresses: a range made local to the host on
+/// the sandbox bridge. The overlay (100.64.0.0/10) lives only inside the
+/// userspace mesh node, so this kernel route does not collide with it.
+pub const DEFAULT_CONTAINER_PROXY_RANGE: &str = "100.127.77.0/24";
 /// Port of the container-side DNS (resolv.conf names no port).
 pub const CONTAINER_DNS_PORT: u16 = 53;
 
@@ -45,6 +50,9 @@ pub struct NetworkSettings {
     /// sandbox bridge): DNS on port 53 and the container-side alias
     /// listeners. `None`: loopback only.
     pub container_addr: Option<IpAddr>,
+    /// Where the container-side alias listeners bind: a range (made local
+    /// on the container address's interface) or one address.
+    pub container_proxy_bind: ProxyBind,
 }
 
 impl Default for NetworkSettings {
@@ -55,6 +63,9 @@ impl Default for NetworkSettings {
             dns_addr: DEFAULT_DNS_ADDR,
             proxy_bind: ProxyBind::Range(DEFAULT_PROXY_RANGE.parse().expect("valid range")),
             container_addr: None,
+            container_proxy_bind: ProxyBind::Range(
+                DEFAULT_CONTAINER_PROXY_RANGE.parse().expect("valid range"),
+            ),
         }
     }
 }
@@ -76,7 +87,11 @@ impl NetworkSettings {
         let dns_addr = socket_addr(MESH_DNS_ADDR, DEFAULT_DNS_ADDR)?;
         let proxy_bind = match source.get(MESH_PROXY_BIND) {
             None => ProxyBind::Range(DEFAULT_PROXY_RANGE.parse().expect("valid range")),
-            Some(v) => parse_proxy_bind(v)?,
+            Some(v) => parse_proxy_bind(MESH_PROXY_BIND, v)?,
+        };
+        let container_proxy_bind = match source.get(MESH_CONTAINER_PROXY_BIND) {
+            None => ProxyBind::Range(DEFAULT_CONTAINER_PROXY_RANGE.parse().expect("valid range")),
+            Some(v) => parse_proxy_bind(MESH_CONTAINER_PROXY_BIND, v)?,
         };
         let container_addr = source
             .get(MESH_CONTAINER_ADDR)
@@ -99,17 +114,18 @@ impl NetworkSettings {
             dns_addr,
             proxy_bind,
             container_addr,
+            container_proxy_bind,
         })
     }
 }
 
 /// `127.77.0.0/16` (one address per alias) or `127.0.0.5` (all on one).
-pub fn parse_proxy_bind(value: &str) -> Result<ProxyBind, AgentError> {
+pub fn parse_proxy_bind(key: &str, value: &str) -> Result<ProxyBind, AgentError> {
     if let Ok(net) = value.parse::<IpNet>() {
         let net = net.trunc();
         if host_count(&net) < 2 {
             return Err(AgentError::config(
-                MESH_PROXY_BIND,
+                key,
                 format!(
                     "`{value}` is too small; give a range of at least 2 addresses or one address"
                 ),
@@ -119,7 +135,7 @@ pub fn parse_proxy_bind(value: &str) -> Result<ProxyBind, AgentError> {
     }
     value.parse::<IpAddr>().map(ProxyBind::Single).map_err(|_| {
         AgentError::config(
-            MESH_PROXY_BIND,
+            key,
             format!("`{value}` is neither an address range (127.77.0.0/16) nor an address"),
         )
     })
@@ -238,6 +254,7 @@ mod tests {
             (MESH_ENDPOINT, "no port"),
             (MESH_ENDPOINT, "host:99999"),
             (MESH_CONTAINER_ADDR, "gateway"),
+            (MESH_CONTAINER_PROXY_BIND, "100.127.77.0/99"),
         ] {
             let err = settings(&[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");
