@@ -491,13 +491,34 @@ impl ControlPlane {
                 );
             }
         }
-        if let Selector::Sandbox(id) = &selector {
-            match sandbox_of(id) {
-                Some(s) if !hosts.iter().any(|(h, _)| h == &s.host_id) => {
-                    hosts.push((s.host_id.clone(), "source"));
+        // A sandbox source (named, or by the alias it publishes here) has
+        // its agent asked too: it is where the connection starts.
+        let source_sandbox = match &selector {
+            Selector::Sandbox(id) => Some(id.clone()),
+            Selector::Alias(alias) => topology
+                .aliases
+                .iter()
+                .find(|a| a.network == network && &a.alias == alias)
+                .map(|a| a.sandbox_id.clone()),
+            _ => None,
+        };
+        if let Some(id) = source_sandbox {
+            let attached = topology
+                .attachments
+                .iter()
+                .any(|a| a.network == network && a.sandbox_id == id);
+            match sandbox_of(&id) {
+                Some(s) if attached => {
+                    check(
+                        "source_attached",
+                        true,
+                        format!("source sandbox `{id}` is attached to network `{network}`"),
+                    );
+                    if !hosts.iter().any(|(h, _)| h == &s.host_id) {
+                        hosts.push((s.host_id.clone(), "source"));
+                    }
                 }
-                Some(_) => {}
-                None => {
+                _ => {
                     check(
                         "source_attached",
                         false,

@@ -577,6 +577,18 @@ async fn agents_get_netmaps_on_hello_and_after_changes_that_concern_them() {
     let b_alone = b.netmap("detach", |n| n.topology_version == v_detach).await;
     assert!(b_alone.peers.is_empty());
     assert_eq!(record_names(&b_alone), ["web.dev.gstacks"]);
+
+    // c joins dev, then its host is revoked: it leaves b's peers and its
+    // alias leaves b's records, with a new version.
+    cluster.json(&["network", "attach", "dev", "sbx_c"]).await;
+    b.netmap("peer c", |n| n.peers.iter().any(|p| p.host_id == host_c))
+        .await;
+    cluster.json(&["host", "revoke", &host_c]).await;
+    let after = b
+        .netmap("c gone", |n| !n.peers.iter().any(|p| p.host_id == host_c))
+        .await;
+    assert_eq!(after.topology_version, cluster.version().await);
+    assert!(after.peers.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,6 +680,28 @@ async fn network_test_combines_control_and_agent_checks() {
     assert_eq!((asked.alias.as_str(), asked.port), ("api", 8080));
     assert_eq!(asked.expected_topology_version, v);
     assert_eq!(b.diagnoses.lock().unwrap().len(), 1);
+    // A source named by its alias is asked too; a sandbox that is not
+    // attached is a failed check.
+    let out = cluster
+        .cli(&["network", "test", "dev", "web", "api:8080", "--json"])
+        .await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["origin"] == host_b.as_str()),
+        "{report}"
+    );
+    assert_eq!(b.diagnoses.lock().unwrap().len(), 2);
+    cluster.add_sandbox("sbx_loose", &host_b, "127.0.0.9", &[]);
+    let out = cluster
+        .cli(&["network", "test", "dev", "sandbox:sbx_loose", "api:8080"])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("sandbox `sbx_loose` is not attached to network `dev`"));
 
     // A port the alias does not publish fails on the control plane's side.
     let out = cluster

@@ -619,8 +619,8 @@ impl Store for SqliteStore {
         reason: &str,
         now_ms: i64,
     ) -> Result<Option<(ProvisioningToken, Vec<String>)>> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
+        // A revoked host's mesh node leaves every netmap: same transaction.
+        self.change(|tx| {
             tx.execute(
                 "UPDATE provisioning_tokens SET revoked_at_ms = ?2 WHERE id = ?1 AND revoked_at_ms = 0",
                 params![id, now_ms],
@@ -644,7 +644,7 @@ impl Store for SqliteStore {
                 let rows = stmt.query_map(params![id, now_ms, reason], |row| row.get(0))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
-            tx.commit()?;
+            network::after_hosts_revoked(tx, &hosts)?;
             Ok(Some((token, hosts)))
         })
     }
@@ -728,16 +728,17 @@ impl Store for SqliteStore {
     }
 
     fn revoke_host(&self, id: &str, reason: &str, now_ms: i64) -> Result<Option<Host>> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            tx.execute(
+        // A revoked host's mesh node leaves every netmap: same transaction.
+        self.change(|tx| {
+            let revoked = tx.execute(
                 "UPDATE hosts SET status = 'no_token', placeable = 0, revoked_at_ms = ?2, revoked_reason = ?3
                  WHERE id = ?1 AND revoked_at_ms = 0",
                 params![id, now_ms, reason],
             )?;
-            let host = host_in(&tx, id)?;
-            tx.commit()?;
-            Ok(host)
+            if revoked == 1 {
+                network::after_hosts_revoked(tx, &[id.to_owned()])?;
+            }
+            host_in(tx, id)
         })
     }
 

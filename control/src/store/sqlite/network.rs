@@ -494,9 +494,15 @@ fn check_node((mut node, kind): (MeshNode, String)) -> Result<MeshNode> {
     Ok(node)
 }
 
+/// Nodes that may take part in the mesh: laptops, and agents of hosts that
+/// are not revoked.
 fn nodes(conn: &Connection) -> Result<Vec<MeshNode>> {
+    let columns: Vec<String> = NODE_COLUMNS.split(", ").map(|c| format!("n.{c}")).collect();
     let mut stmt = conn.prepare(&format!(
-        "SELECT {NODE_COLUMNS} FROM mesh_nodes ORDER BY node_index"
+        "SELECT {} FROM mesh_nodes n LEFT JOIN hosts h ON h.id = n.host_id
+         WHERE n.host_id = '' OR COALESCE(h.revoked_at_ms, 0) = 0
+         ORDER BY n.node_index",
+        columns.join(", ")
     ))?;
     let rows = stmt.query_map([], node_from_row)?;
     rows.map(|row| row.map_err(ControlError::from).and_then(check_node))
@@ -688,6 +694,32 @@ pub(super) fn topology(tx: &Transaction<'_>) -> Result<Topology> {
         local_members,
         sandboxes,
     })
+}
+
+/// Hosts were revoked: those with a mesh node leave every netmap, which is
+/// a topology change of the networks their sandboxes are attached to.
+pub(super) fn after_hosts_revoked(
+    tx: &Transaction<'_>,
+    host_ids: &[String],
+) -> Result<Option<u64>> {
+    let mut with_node = false;
+    let mut networks = std::collections::BTreeSet::new();
+    for host in host_ids {
+        with_node |= node(tx, &agent_node_id(host))?.is_some();
+        let mut stmt = tx.prepare(
+            "SELECT DISTINCT a.network FROM network_attachments a
+             JOIN sandboxes s ON s.id = a.sandbox_id WHERE s.host_id = ?1",
+        )?;
+        let rows = stmt.query_map([host], |row| row.get::<_, String>(0))?;
+        for row in rows {
+            networks.insert(row?);
+        }
+    }
+    if !with_node {
+        return Ok(None);
+    }
+    let names: Vec<&str> = networks.iter().map(String::as_str).collect();
+    bump(tx, &names).map(Some)
 }
 
 /// After a sandbox record was written: when what the network model sees of
@@ -992,6 +1024,44 @@ mod tests {
             topology.local_members,
             [("dev".to_owned(), "node_lap".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_revoked_host_leaves_the_mesh_in_the_revoking_transaction() {
+        let (_dir, store) = store();
+        sandbox(&store, "sbx_1", "hst_a", "running");
+        sandbox(&store, "sbx_2", "hst_b", "running");
+        store.record_agent_node("hst_a", "KEY_A", "", 1).unwrap();
+        store.record_agent_node("hst_b", "KEY_B", "", 1).unwrap();
+        store.create_network("dev", 1).unwrap();
+        store.attach_sandbox("dev", "sbx_1", None, 1).unwrap();
+        store.attach_sandbox("dev", "sbx_2", None, 1).unwrap();
+        let v = store.topology_version().unwrap();
+        store.revoke_host("hst_b", "test", 5).unwrap().unwrap();
+        assert_eq!(store.topology_version().unwrap(), v + 1);
+        assert_eq!(
+            store.network("dev").unwrap().unwrap().topology_version,
+            v + 1
+        );
+        let nodes: Vec<String> = store
+            .topology()
+            .unwrap()
+            .nodes
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(nodes, ["node_hst_a"]);
+        // Revoking again changes nothing.
+        store.revoke_host("hst_b", "again", 6).unwrap();
+        assert_eq!(store.topology_version().unwrap(), v + 1);
+        // Through the token: hst_a goes too.
+        let (_, hosts) = store
+            .revoke_provisioning_token("tok_t", "x", 7)
+            .unwrap()
+            .unwrap();
+        assert_eq!(hosts, ["hst_a"]);
+        assert_eq!(store.topology_version().unwrap(), v + 2);
+        assert!(store.topology().unwrap().nodes.is_empty());
     }
 
     #[test]
