@@ -77,6 +77,8 @@ struct Shared {
     container_records: dns::Records,
     /// The loopback DNS address, `None` when it could not be bound.
     dns_addr: Option<SocketAddr>,
+    /// The container-side DNS (port 53 of the container address), once bound.
+    container_dns_addr: RwLock<Option<SocketAddr>>,
     /// Where each alias listener accepts.
     listener_addrs: RwLock<HashMap<(Facing, ListenerKey), SocketAddr>>,
 }
@@ -154,7 +156,6 @@ impl Shared {
 pub struct Network {
     shared: Arc<Shared>,
     dns_addr: Option<SocketAddr>,
-    container_dns_addr: Option<SocketAddr>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -217,28 +218,12 @@ impl Network {
             }
         };
         let dns_addr = dns.as_ref().map(dns::DnsServer::local_addr);
-        let container_dns = match settings.container_addr {
-            None => {
-                tracing::warn!(
-                    "no container-reachable address ({}): the agent DNS and the alias listeners serve loopback only",
-                    crate::config::MESH_CONTAINER_ADDR
-                );
-                None
-            }
-            Some(ip) => {
-                let addr = SocketAddr::new(ip, settings::CONTAINER_DNS_PORT);
-                match dns::DnsServer::bind(addr, container_records.clone(), upstream).await {
-                    Ok(server) => Some(server),
-                    Err(e) => {
-                        tracing::warn!(
-                            "container DNS on {addr} is not served ({e}); is the sandbox bridge up, and may this agent bind port 53? Serving loopback only"
-                        );
-                        None
-                    }
-                }
-            }
-        };
-        let container_dns_addr = container_dns.as_ref().map(dns::DnsServer::local_addr);
+        if settings.container_addr.is_none() {
+            tracing::warn!(
+                "no container-reachable address ({}): the agent DNS and the alias listeners serve loopback only",
+                crate::config::MESH_CONTAINER_ADDR
+            );
+        }
         let shared = Arc::new(Shared {
             settings,
             host_id,
@@ -252,11 +237,13 @@ impl Network {
             loopback_records,
             container_records,
             dns_addr,
+            container_dns_addr: RwLock::new(None),
             listener_addrs: RwLock::new(HashMap::new()),
         });
         let apply_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let mut apply = Applier::new(apply_shared.clone());
+            let mut apply = Applier::new(apply_shared.clone(), upstream);
+            apply.ensure_container_dns().await;
             loop {
                 let netmap = netmaps.borrow_and_update().clone();
                 if let Some(netmap) = netmap {
@@ -272,14 +259,13 @@ impl Network {
                 }
             }
             apply.stop().await;
-            for server in [dns, container_dns].into_iter().flatten() {
+            if let Some(server) = dns {
                 let _ = server.shutdown().await;
             }
         });
         Ok(Network {
             shared,
             dns_addr,
-            container_dns_addr,
             task: Arc::new(Mutex::new(Some(task))),
         })
     }
@@ -304,7 +290,11 @@ impl Network {
 
     /// The container-side DNS, when served.
     pub fn container_dns_addr(&self) -> Option<SocketAddr> {
-        self.container_dns_addr
+        *self
+            .shared
+            .container_dns_addr
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where the loopback listener of `alias:port` in `network` accepts.
@@ -373,18 +363,63 @@ struct Applier {
     container_book: Option<AddressBook>,
     /// The container side has its final addresses (no retry needed).
     container_range_ready: bool,
+    /// The container-side DNS; bound at start, or retried on each netmap
+    /// (the sandbox bridge is made on first use).
+    container_dns: Option<dns::DnsServer>,
+    container_dns_warned: bool,
+    upstream: dns::Upstream,
     listeners: HashMap<(Facing, ListenerKey), (SocketAddr, JoinHandle<()>)>,
 }
 
 impl Applier {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, upstream: dns::Upstream) -> Self {
         let loopback_book = AddressBook::new(shared.settings.proxy_bind.clone());
         Self {
             shared,
             loopback_book,
             container_book: None,
             container_range_ready: false,
+            container_dns: None,
+            container_dns_warned: false,
+            upstream,
             listeners: HashMap::new(),
+        }
+    }
+
+    /// Binds the container-side DNS unless it is bound or not configured.
+    async fn ensure_container_dns(&mut self) {
+        let Some(ip) = self.shared.settings.container_addr else {
+            return;
+        };
+        if self.container_dns.is_some() {
+            return;
+        }
+        let addr = SocketAddr::new(ip, settings::CONTAINER_DNS_PORT);
+        match dns::DnsServer::bind(
+            addr,
+            self.shared.container_records.clone(),
+            self.upstream.clone(),
+        )
+        .await
+        {
+            Ok(server) => {
+                *self
+                    .shared
+                    .container_dns_addr
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(server.local_addr());
+                if self.container_dns_warned {
+                    tracing::info!(%addr, "container DNS served");
+                }
+                self.container_dns = Some(server);
+            }
+            Err(e) if !self.container_dns_warned => {
+                self.container_dns_warned = true;
+                tracing::warn!(
+                    "container DNS on {addr} is not served yet ({e}); is the sandbox bridge up, and may this agent bind port 53? Retried on every netmap; loopback is served"
+                );
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "container DNS still not bound"),
         }
     }
 
@@ -548,6 +583,7 @@ impl Applier {
     }
 
     async fn apply_listeners(&mut self, topology: &Topology) {
+        self.ensure_container_dns().await;
         self.container_bind();
         let keys = topology.listener_keys();
         let mut aliases: Vec<(String, String)> = keys
@@ -669,6 +705,9 @@ impl Applier {
     }
 
     async fn stop(&mut self) {
+        if let Some(server) = self.container_dns.take() {
+            let _ = server.shutdown().await;
+        }
         for (_, (_, task)) in self.listeners.drain() {
             task.abort();
         }
