@@ -710,9 +710,28 @@ async fn the_target_checks_the_claim_against_the_mesh_peer() {
         }
         other => panic!("expected a denial, got {other}"),
     }
+    // A header naming an unknown network or alias: refused with the reason.
+    let mut unknown = header(policy::Source::local());
+    unknown.network = "prod".into();
+    let err = tokio::time::timeout(WAIT, proxy::dial_over_mesh(&laptop, target, &unknown))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not attached to network `prod`")
+            || err.to_string().contains("no such alias"),
+        "{err}"
+    );
+    let mut unknown = header(policy::Source::local());
+    unknown.alias = "nope".into();
+    let err = tokio::time::timeout(WAIT, proxy::dial_over_mesh(&laptop, target, &unknown))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("no such alias"), "{err}");
     // (An agent peer claiming `local` or another host's sandbox is refused
     // the same way: agent::network::topology's unit tests.)
-    assert_eq!(b.network.stats().mesh_denied.load(Ordering::Relaxed), 1);
+    assert_eq!(b.network.stats().mesh_denied.load(Ordering::Relaxed), 3);
     assert_eq!(b.network.stats().mesh_allowed.load(Ordering::Relaxed), 1);
     drop(stream);
     laptop.shutdown().await;
@@ -901,4 +920,54 @@ async fn a_container_resolves_and_reaches_an_alias_through_the_gateway_root_netn
     a.stop().await;
     b.stop().await;
     drop(ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_connections_leaves_the_listener_serving() {
+    let (a, b, world) = two_agents(7).await;
+    let listener = a
+        .network
+        .listener_addr("dev", "api", world.api_port)
+        .unwrap();
+    let stranger = Ipv4Addr::new(127, 97, 0, 99);
+    const FLOOD: usize = 2000;
+    let mut batch = Vec::new();
+    for _ in 0..FLOOD {
+        batch.push(tokio::spawn(async move {
+            let mut stream = connect_from(stranger, listener).await?;
+            let mut buf = [0u8; 1];
+            // Closed by the agent without a byte.
+            match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+                Ok(Ok(_)) => Err(std::io::Error::other("got bytes")),
+                Err(_) => Err(std::io::Error::other("not closed")),
+            }
+        }));
+        if batch.len() == 200 {
+            for task in batch.drain(..) {
+                task.await.unwrap().unwrap();
+            }
+        }
+    }
+    for task in batch.drain(..) {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        a.network.stats().denied.load(Ordering::Relaxed),
+        FLOOD as u64
+    );
+    // Nobody drains this agent's outbox (1,024): the events beyond it are
+    // dropped and counted, never waited for.
+    assert_eq!(
+        a.network.stats().events_dropped.load(Ordering::Relaxed),
+        (FLOOD - 1024) as u64
+    );
+    // The sandbox is still served.
+    let mut stream = connect_from(world.web_addr, listener).await.unwrap();
+    assert_eq!(
+        echo_through(&mut stream, b"still here").await,
+        b"still here"
+    );
+    a.stop().await;
+    b.stop().await;
 }
