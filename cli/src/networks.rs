@@ -380,14 +380,13 @@ pub async fn policy_allow(
             "topology_version": allowed.topology_version,
         }));
     }
+    let port = match rule.port {
+        0 => "any port".to_owned(),
+        p => format!("port {p}"),
+    };
     println!(
-        "rule {} in {}: allow {} -> {} on port {} (topology version {})",
-        rule.id,
-        rule.network,
-        rule.from,
-        rule.to,
-        rule_port(rule.port),
-        allowed.topology_version
+        "rule {} in {}: allow {} -> {} on {port} (topology version {})",
+        rule.id, rule.network, rule.from, rule.to, allowed.topology_version
     );
     Ok(())
 }
