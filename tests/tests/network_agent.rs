@@ -826,6 +826,18 @@ async fn diagnose_reports_each_check_with_its_reason() {
     );
     let d = diagnose(&a, "web", "api", port.wrapping_add(1).max(1), world.version).await;
     assert!(!d.checks[3].passed, "{:#?}", d.checks);
+    // A netmap whose peers the node refuses (one listed twice): said so.
+    let b_udp = b.network.mesh_addr().unwrap();
+    let mut twice = world.netmap_for(&a, vec![b.peer(b_udp), b.peer(b_udp)], &[&a, &b]);
+    twice.topology_version = world.version + 1;
+    a.apply(twice).await;
+    let d = diagnose(&a, "web", "api", port, world.version + 1).await;
+    assert!(!d.checks[0].passed, "{:#?}", d.checks);
+    assert!(
+        d.checks[0].detail.contains("peers not applied"),
+        "{}",
+        d.checks[0].detail
+    );
     a.stop().await;
     b.stop().await;
 }

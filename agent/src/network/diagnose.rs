@@ -96,6 +96,16 @@ async fn diagnose(
         (mesh.node.clone(), mesh.error.clone())
     };
     checks.push(match node {
+        Some(node) if error.is_some() => check(
+            "mesh_joined",
+            false,
+            format!(
+                "node {} on UDP {} is up, but {}",
+                node.public_key(),
+                node.local_addr(),
+                error.unwrap_or_default()
+            ),
+        ),
         Some(node) => {
             let status = node.status();
             let up = status

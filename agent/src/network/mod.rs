@@ -523,14 +523,15 @@ impl Applier {
         let current = self.shared.node();
         if let Some(node) = &current {
             if node.addresses() == topology.addresses.as_slice() {
-                if let Err(e) = node.set_peers(peers) {
+                let outcome = node.set_peers(peers);
+                if let Err(e) = &outcome {
                     tracing::warn!("mesh peers not applied: {e}");
-                    self.shared
-                        .mesh
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .error = Some(format!("peers not applied: {e}"));
                 }
+                self.shared
+                    .mesh
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .error = outcome.err().map(|e| format!("peers not applied: {e}"));
                 return;
             }
             tracing::info!(old = ?node.addresses(), new = ?topology.addresses, "overlay addresses changed: rebinding the mesh node");
