@@ -40,6 +40,19 @@ pub const MESH_ENDPOINT: &str = "GLOBALSTACKS_AGENT_MESH_ENDPOINT";
 pub const MESH_CONTAINER_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR";
 /// Where container-side alias listeners bind (a range or one address).
 pub const MESH_CONTAINER_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_PROXY_BIND";
+/// Written as `io.globalstacks.scope` on every sandbox container (default:
+/// the machine id).
+pub const RUNTIME_SCOPE: &str = "GLOBALSTACKS_AGENT_RUNTIME_SCOPE";
+/// The agent's Docker bridge for sandboxes (default `gstacks-<scope prefix>`).
+pub const DOCKER_NETWORK: &str = "GLOBALSTACKS_AGENT_DOCKER_NETWORK";
+/// Its subnet (default `10.213.0.0/24`); the first host address is the
+/// gateway, which sandboxes use as their DNS server.
+pub const DOCKER_SUBNET: &str = "GLOBALSTACKS_AGENT_DOCKER_SUBNET";
+/// Comma-separated host directories bind mounts may come from (default:
+/// none, every volume is refused).
+pub const VOLUME_ROOTS: &str = "GLOBALSTACKS_AGENT_VOLUME_ROOTS";
+/// Sandboxes this host accepts at once (default 32), reported to placement.
+pub const MAX_SANDBOXES: &str = "GLOBALSTACKS_AGENT_MAX_SANDBOXES";
 
 /// Every key the agent reads; a config file may hold only these.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -58,6 +71,11 @@ pub const KNOWN_KEYS: &[&str] = &[
     MESH_ENDPOINT,
     MESH_CONTAINER_ADDR,
     MESH_CONTAINER_PROXY_BIND,
+    RUNTIME_SCOPE,
+    DOCKER_NETWORK,
+    DOCKER_SUBNET,
+    VOLUME_ROOTS,
+    MAX_SANDBOXES,
 ];
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/gstacks-agent";
@@ -233,6 +251,8 @@ pub struct AgentConfig {
     pub tls: TlsTrust,
     /// Mesh node, agent DNS and alias listener addresses.
     pub network: crate::network::NetworkSettings,
+    /// Runtime scope, the sandbox Docker network, volume roots, capacity.
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 impl AgentConfig {
@@ -296,7 +316,19 @@ impl AgentConfig {
             heartbeat_interval,
             tls,
             network: crate::network::NetworkSettings::from_source(source)?,
+            sandbox: crate::sandbox::SandboxSettings::from_source(source)?,
         })
+    }
+
+    /// The gateway of the agent's sandbox Docker network (its subnet's
+    /// first host address): every sandbox's DNS server.
+    pub fn docker_gateway(&self) -> std::net::Ipv4Addr {
+        self.sandbox.docker_gateway()
+    }
+
+    /// The name of the agent's sandbox Docker network.
+    pub fn docker_network(&self) -> &str {
+        &self.sandbox.docker_network
     }
 }
 

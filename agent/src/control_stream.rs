@@ -44,6 +44,8 @@ pub const OUTBOX_CAPACITY: usize = 1024;
 /// Events kept while disconnected.
 pub const EVENT_BUFFER: usize = 512;
 const SESSION_QUEUE: usize = 64;
+/// How often heartbeats carry telemetry by default.
+pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(30);
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// How the connection to the control plane is verified.
@@ -257,6 +259,9 @@ pub trait TelemetrySource: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub heartbeat_interval: Duration,
+    /// A heartbeat carries fresh telemetry (running sandboxes, cached
+    /// images, available memory) at most this often.
+    pub telemetry_interval: Duration,
     pub backoff: Backoff,
 }
 
@@ -264,6 +269,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             heartbeat_interval: crate::config::DEFAULT_HEARTBEAT,
+            telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
             backoff: Backoff::default(),
         }
     }
@@ -475,6 +481,7 @@ impl ControlClient {
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        let mut telemetry_sent = tokio::time::Instant::now();
         let mut goodbye: Option<proto::Error> = None;
         loop {
             tokio::select! {
@@ -484,7 +491,13 @@ impl ControlClient {
                 }
                 _ = heartbeat.tick() => {
                     seq += 1;
-                    let beat = Heartbeat { seq, sent_at_ms: crate::lock::now_ms(), telemetry: None };
+                    let fresh = if telemetry_sent.elapsed() >= self.options.telemetry_interval {
+                        telemetry_sent = tokio::time::Instant::now();
+                        Some(telemetry.current().await)
+                    } else {
+                        None
+                    };
+                    let beat = Heartbeat { seq, sent_at_ms: crate::lock::now_ms(), telemetry: fresh };
                     if tx.send(body(agent_message::Body::Heartbeat(beat))).await.is_err() {
                         return SessionEnd::Dropped("the stream closed".to_owned());
                     }

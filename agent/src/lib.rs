@@ -8,6 +8,8 @@
 //! - [`control_stream`]: enrollment and the ONE control-stream client.
 //! - [`dispatch`]: command kinds, the module registry, typed replies.
 //! - [`terminal`]: the break-glass host terminal module.
+//! - [`sandbox`]: sandboxes on the container engine (the `Runtime` trait,
+//!   its bollard implementation, labels, volumes, rediscovery inventory).
 //! - [`network`]: mesh membership, agent DNS, alias listeners, policy.
 //! - [`tls`]: a pinned-fingerprint TLS connector for the control plane.
 //! - [`run`]: `gstacks-agent run`, tying the above together.
@@ -21,6 +23,7 @@ pub mod error;
 pub mod lock;
 pub mod network;
 pub mod run;
+pub mod sandbox;
 pub mod state;
 pub mod telemetry;
 pub mod terminal;

@@ -20,20 +20,33 @@ use crate::dispatch::{CommandKind, Concurrency, DispatcherBuilder, PingModule};
 use crate::error::AgentError;
 use crate::lock::ServiceLock;
 use crate::state;
-use crate::{network, telemetry, terminal};
+use crate::{network, sandbox, telemetry, terminal};
 
 /// Exit status after revocation.
 pub const EXIT_REVOKED: u8 = 78;
 
-/// The host's own telemetry, Docker re-probed on every call.
+/// The host's own telemetry, Docker re-probed on every call; with the
+/// sandbox module, also the running sandboxes, the cached images and the
+/// capacity.
 pub struct HostTelemetry {
     traits: Vec<String>,
     tags: Vec<String>,
+    sandboxes: Option<Arc<sandbox::SandboxModule>>,
 }
 
 impl HostTelemetry {
     pub fn new(traits: Vec<String>, tags: Vec<String>) -> Self {
-        Self { traits, tags }
+        Self {
+            traits,
+            tags,
+            sandboxes: None,
+        }
+    }
+
+    /// Reports the sandbox runtime's facts too.
+    pub fn with_sandboxes(mut self, module: Arc<sandbox::SandboxModule>) -> Self {
+        self.sandboxes = Some(module);
+        self
     }
 }
 
@@ -43,7 +56,19 @@ impl TelemetrySource for HostTelemetry {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Telemetry> + Send + '_>> {
         Box::pin(async move {
             let docker = telemetry::docker_reachable(Duration::from_secs(2)).await;
-            telemetry::collect(&self.traits, &self.tags, docker)
+            let mut facts = telemetry::collect(&self.traits, &self.tags, docker);
+            if let Some(module) = &self.sandboxes {
+                facts.sandbox_capacity = module.settings().max_sandboxes;
+                if docker {
+                    let runtime =
+                        tokio::time::timeout(Duration::from_secs(5), module.facts()).await;
+                    if let Ok(runtime) = runtime {
+                        facts.running_sandboxes = runtime.running_sandboxes;
+                        facts.cached_images = runtime.cached_images;
+                    }
+                }
+            }
+            facts
         })
     }
 }
@@ -119,8 +144,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         network_stop.clone(),
     )
     .await?;
-    let modules =
-        modules(&config).register(network.module(), network::KINDS, Concurrency::Parallel(4));
+    let sandboxes = sandbox::SandboxModule::new(
+        Arc::new(sandbox::docker::DockerRuntime::new()),
+        config.sandbox.clone(),
+        credential.host_id.clone(),
+    );
+    tracing::info!(
+        scope = %config.sandbox.scope,
+        docker_network = %config.sandbox.docker_network,
+        gateway = %config.docker_gateway(),
+        "sandbox runtime"
+    );
+    let host = host.with_sandboxes(sandboxes.clone());
+    let modules = modules(&config)
+        .register(network.module(), network::KINDS, Concurrency::Parallel(4))
+        .register(sandboxes, sandbox::KINDS, Concurrency::Parallel(8));
     let result = client.run(&credential, modules, &host, shutdown).await;
     network_stop.cancel();
     network.stopped().await;

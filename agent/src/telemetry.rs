@@ -106,7 +106,7 @@ pub fn parse_os_release(text: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn machine_id() -> String {
+pub fn machine_id() -> String {
     ["/etc/machine-id", "/var/lib/dbus/machine-id"]
         .iter()
         .find_map(|p| {
