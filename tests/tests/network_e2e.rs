@@ -71,6 +71,10 @@ impl AgentProcess {
             .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
             .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
             .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            // Hosts without a container engine: their sandboxes are the
+            // loopback addresses this test registers, and no rediscovery
+            // marks them failed for want of a container.
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -1,0 +1,314 @@
+//! Runtime networks with a real container: `gstacks sandbox create` runs a
+//! busybox httpd container (an image made here with `docker import` from
+//! `/bin/busybox`, never pulled) on agent B; a sandbox record on agent A whose
+//! address is a loopback address is the source. The request goes: test (as
+//! the source sandbox) -> agent A's alias listener -> policy -> mesh ->
+//! agent B -> the container's address on B's Docker network.
+//!
+//! Skipped with a message when no Docker engine answers.
+
+mod network_support;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use network_support::{tests_wait, Cluster};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+const HTTPD_PORT: u16 = 8080;
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run docker")
+}
+
+fn docker_available() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && Path::new("/bin/busybox").exists()
+}
+
+/// An image whose only file is busybox and a page, running httpd.
+fn build_httpd_image(dir: &Path, tag: &str, page: &str) {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::write(root.join("www/index.html"), page).unwrap();
+    let tar = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cmd = format!(r#"CMD ["/bin/busybox", "httpd", "-f", "-p", "{HTTPD_PORT}", "-h", "/www"]"#);
+    let out = docker(&["import", "--change", &cmd, tar.to_str().unwrap(), tag]);
+    assert!(out.status.success(), "docker import: {out:?}");
+}
+
+struct AgentProcess {
+    child: Child,
+    state_dir: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(cluster: &Cluster, state_dir: &Path, token: &str, env: &[(&str, String)]) -> Self {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let log = std::fs::File::create(state_dir.join("agent.log")).unwrap();
+        let mut command = Command::new(tests::binary("gstacks-agent"));
+        command
+            .arg("run")
+            .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
+            .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
+            .env("GLOBALSTACKS_STATE_DIR", state_dir)
+            .env("GLOBALSTACKS_PROVISIONING_TOKEN", token)
+            .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
+            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        AgentProcess {
+            child: command.spawn().unwrap(),
+            state_dir: state_dir.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    async fn host_id(&self) -> String {
+        let path = self.state_dir.join("credential.json");
+        tests_wait(|| async {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let value: Value = serde_json::from_str(&text).ok()?;
+            value["host_id"].as_str().map(str::to_owned)
+        })
+        .await
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes what the test made in the shared engine, whatever happens.
+struct EngineCleanup {
+    scope: String,
+    network: String,
+    image: String,
+}
+
+impl Drop for EngineCleanup {
+    fn drop(&mut self) {
+        let label = format!("label=io.globalstacks.scope={}", self.scope);
+        let ids = docker(&["ps", "-aq", "--filter", &label]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        let _ = docker(&["network", "rm", &self.network]);
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.into(), 0))?;
+    socket.connect(to).await
+}
+
+/// One HTTP/1.0 GET through `to` from `from`; the whole response.
+async fn http_get(from: Ipv4Addr, to: SocketAddr) -> Option<String> {
+    let mut stream = connect_from(from, to).await.ok()?;
+    stream
+        .write_all(b"GET /index.html HTTP/1.0\r\nHost: api.dev.gstacks\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&response).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
+    if !docker_available() {
+        eprintln!("skipped: no Docker engine answers `docker info` (or no /bin/busybox)");
+        return;
+    }
+    let dirs = tempfile::tempdir().unwrap();
+    let unique = format!("{}-{}", std::process::id(), control::secret::new_id("t"));
+    let cleanup = EngineCleanup {
+        scope: format!("netcontrol-test-{unique}"),
+        network: format!("gstacks-nc-{unique}"),
+        image: format!("gstacks-test/netcontrol-httpd:{unique}"),
+    };
+    let page = format!("hello from the container {unique}");
+    build_httpd_image(dirs.path(), &cleanup.image, &page);
+
+    let cluster = Cluster::start().await;
+    let (_, secret) = cluster
+        .running()
+        .plane
+        .create_provisioning_token("cls_default", "network container", false, None)
+        .unwrap();
+    let (ip_a, ip_b) = (Ipv4Addr::new(127, 0, 71, 1), Ipv4Addr::new(127, 0, 72, 1));
+    let web_ip = Ipv4Addr::new(127, 0, 71, 5);
+    let mesh = |port: u16| format!("127.0.0.1:{port}");
+    let (mesh_a, mesh_b) = (free_udp_port(), free_udp_port());
+    // A has no engine (the source sandbox is a loopback address); B runs
+    // the container on a Docker network of its own.
+    let a = AgentProcess::start(
+        &cluster,
+        &dirs.path().join("a"),
+        secret.expose(),
+        &[
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock".to_owned()),
+            (
+                "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
+                format!("{ip_a}:{}", free_udp_port()),
+            ),
+            ("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", ip_a.to_string()),
+            ("GLOBALSTACKS_AGENT_MESH_LISTEN", mesh(mesh_a)),
+            ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh(mesh_a)),
+            (
+                "GLOBALSTACKS_AGENT_RUNTIME_SCOPE",
+                format!("{}-a", cleanup.scope),
+            ),
+        ],
+    );
+    let b = AgentProcess::start(
+        &cluster,
+        &dirs.path().join("b"),
+        secret.expose(),
+        &[
+            (
+                "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
+                format!("{ip_b}:{}", free_udp_port()),
+            ),
+            ("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", ip_b.to_string()),
+            ("GLOBALSTACKS_AGENT_MESH_LISTEN", mesh(mesh_b)),
+            ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh(mesh_b)),
+            ("GLOBALSTACKS_AGENT_RUNTIME_SCOPE", cleanup.scope.clone()),
+            ("GLOBALSTACKS_AGENT_DOCKER_NETWORK", cleanup.network.clone()),
+            (
+                "GLOBALSTACKS_AGENT_DOCKER_SUBNET",
+                "10.213.171.0/24".to_owned(),
+            ),
+        ],
+    );
+    let host_a = a.host_id().await;
+    let host_b = b.host_id().await;
+    let plane = cluster.running().plane.clone();
+    tests_wait(|| async {
+        (plane.sessions.get(&host_a).is_some() && plane.sessions.get(&host_b).is_some())
+            .then_some(())
+    })
+    .await;
+
+    // The target: a real container on B, placed there by the control plane.
+    let created = cluster
+        .json(&[
+            "sandbox",
+            "create",
+            "--host-id",
+            &host_b,
+            "--image",
+            &cleanup.image,
+            "--name",
+            "api",
+        ])
+        .await;
+    let api = created["id"].as_str().unwrap().to_owned();
+    let address = tests_wait(|| async {
+        let shown = cluster.json(&["sandbox", "show", &api]).await;
+        let shown = if shown["sandbox"].is_object() {
+            shown["sandbox"].clone()
+        } else {
+            shown
+        };
+        let address = shown["addresses"].as_array()?.first()?.as_str()?.to_owned();
+        (shown["status"] == "running").then_some(address)
+    })
+    .await;
+    assert!(address.starts_with("10.213.171."), "{address}");
+
+    cluster.add_sandbox("sbx_web", &host_a, &web_ip.to_string(), &[]);
+    cluster.json(&["network", "create", "dev"]).await;
+    let port = HTTPD_PORT.to_string();
+    cluster
+        .json(&[
+            "network", "attach", "dev", &api, "--alias", "api", "--port", &port,
+        ])
+        .await;
+    cluster
+        .json(&[
+            "network", "attach", "dev", "sbx_web", "--alias", "web", "--port", "18091",
+        ])
+        .await;
+    cluster
+        .json(&[
+            "network", "policy", "allow", "dev", "--from", "web", "--to", "api", "--port", &port,
+        ])
+        .await;
+
+    let listener = SocketAddr::new(ip_a.into(), HTTPD_PORT);
+    let response = tests_wait(|| async {
+        let response = http_get(web_ip, listener).await?;
+        response.contains(&page).then_some(response)
+    })
+    .await;
+    assert!(response.starts_with("HTTP/1."), "{response}");
+
+    // `network test` sees the container's route from agent B.
+    let target = format!("api:{HTTPD_PORT}");
+    let out = cluster
+        .cli(&[
+            "network",
+            "test",
+            "dev",
+            "sandbox:sbx_web",
+            &target,
+            "--json",
+        ])
+        .await;
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["passed"], true, "{report}\n{}\n{}", a.log(), b.log());
+
+    let out = cluster.cli(&["sandbox", "deprovision", &api]).await;
+    assert!(out.status.success(), "{}", network_support::text(&out));
+    drop(cleanup);
+}
