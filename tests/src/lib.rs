@@ -1,5 +1,6 @@
 //! Shared support for the end-to-end tests in `tests/tests/`.
 
+pub mod docker;
 pub mod netns;
 
 use std::path::PathBuf;
