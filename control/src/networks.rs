@@ -648,3 +648,124 @@ fn source_model(
         Selector::Any => policy::Source::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plane::Settings;
+    use crate::store::sqlite::SqliteStore;
+    use std::sync::Arc;
+
+    fn plane() -> (tempfile::TempDir, Arc<ControlPlane>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        (dir, ControlPlane::new(Arc::new(store), Settings::default()))
+    }
+
+    #[test]
+    fn ports_are_checked_sorted_and_deduplicated() {
+        assert_eq!(
+            validate_ports("api", &[9090, 80, 9090]).unwrap(),
+            [80, 9090]
+        );
+        let none = validate_ports("api", &[]).unwrap_err().to_string();
+        assert_eq!(
+            none,
+            "invalid argument: alias `api` needs at least one port (`--port N`)"
+        );
+        for bad in [0, 65_536, u32::MAX] {
+            let err = validate_ports("api", &[80, bad]).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("port {bad} is out of range: ports are 1-65535")
+            );
+        }
+    }
+
+    #[test]
+    fn bad_input_is_refused_before_the_store_and_bumps_nothing() {
+        let (_dir, plane) = plane();
+        plane.create_network("dev").unwrap();
+        let before = plane.store.topology_version().unwrap();
+        let errors = [
+            plane.create_network("DEV").unwrap_err(),
+            plane.create_network("").unwrap_err(),
+            plane.attach_sandbox("dev", "sbx_1", "", &[80]).unwrap_err(),
+            plane.attach_sandbox("dev", " ", "", &[]).unwrap_err(),
+            plane
+                .attach_sandbox("dev", "sbx_1", "a.b", &[80])
+                .unwrap_err(),
+            plane.add_alias("dev", "sbx_1", "api", &[]).unwrap_err(),
+            plane.allow_policy("dev", "tag:", "api", 0).unwrap_err(),
+            plane.allow_policy("dev", "local", "API", 0).unwrap_err(),
+            plane.allow_policy("dev", "local", "*", 70_000).unwrap_err(),
+            plane.allow_policy("dev", "local", "api", 0).unwrap_err(),
+            plane.allow_policy("ops", "local", "*", 0).unwrap_err(),
+        ];
+        let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                "network name `DEV` is not a DNS label: only lowercase letters, digits and `-` are allowed",
+                "network name `` is not a DNS label: it is empty",
+                "invalid argument: `--port` publishes an alias: give `--alias NAME` with it",
+                "invalid argument: a sandbox id is required",
+                "alias name `a.b` is not a DNS label: only lowercase letters, digits and `-` are allowed",
+                "invalid argument: alias `api` needs at least one port (`--port N`)",
+                "selector `tag:` is not valid: `tag:` needs a tag after the colon",
+                "alias name `API` is not a DNS label: only lowercase letters, digits and `-` are allowed",
+                "port 70000 is out of range: ports are 1-65535",
+                "alias `api` not found in network `dev`",
+                "network `ops` not found",
+            ]
+        );
+        let statuses: Vec<tonic::Code> = errors
+            .into_iter()
+            .map(|e| tonic::Status::from(e).code())
+            .collect();
+        assert_eq!(statuses[0], tonic::Code::InvalidArgument);
+        assert_eq!(statuses[9], tonic::Code::NotFound);
+        assert_eq!(plane.store.topology_version().unwrap(), before);
+        // A selector is stored in its canonical form.
+        let (rule, _) = plane.allow_policy("dev", " local ", "*", 0).unwrap();
+        assert_eq!(
+            (rule.from.as_str(), rule.to.as_str(), rule.port),
+            ("local", "*", 0)
+        );
+        assert!(rule.id.starts_with("pol_"));
+    }
+
+    #[test]
+    fn the_source_under_test_is_modelled_like_the_agents_do() {
+        use crate::store::network::{Alias, AttachedSandbox};
+        let topology = crate::store::Topology {
+            aliases: vec![Alias {
+                network: "dev".into(),
+                alias: "web".into(),
+                sandbox_id: "sbx_web".into(),
+                ports: vec![80],
+                created_at_ms: 1,
+            }],
+            sandboxes: vec![AttachedSandbox {
+                id: "sbx_web".into(),
+                host_id: "hst_a".into(),
+                status: "running".into(),
+                addresses: vec![],
+                tags: vec!["frontend".into()],
+            }],
+            ..Default::default()
+        };
+        let web = source_model(&Selector::Alias("web".into()), "dev", &topology);
+        assert_eq!(web.sandbox_id.as_deref(), Some("sbx_web"));
+        assert_eq!(web.aliases, ["web"]);
+        assert_eq!(web.tags, ["frontend"]);
+        let by_id = source_model(&Selector::Sandbox("sbx_web".into()), "dev", &topology);
+        assert_eq!(by_id, web);
+        // In another network the sandbox publishes no alias.
+        let elsewhere = source_model(&Selector::Sandbox("sbx_web".into()), "ops", &topology);
+        assert!(elsewhere.aliases.is_empty());
+        assert!(source_model(&Selector::Local, "dev", &topology).local);
+        let tag = source_model(&Selector::Tag("x".into()), "dev", &topology);
+        assert_eq!(tag.tags, ["x"]);
+    }
+}
