@@ -5,7 +5,8 @@
 //! the source sandbox) -> agent A's alias listener -> policy -> mesh ->
 //! agent B -> the container's address on B's Docker network.
 //!
-//! Skipped with a message when no Docker engine answers.
+//! Skipped with a message when no Docker engine answers (unless
+//! `GSTACKS_REQUIRE_DOCKER_TESTS=1`).
 
 mod network_support;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use network_support::{tests_wait, Cluster};
 use serde_json::Value;
+use tests::docker::{docker, DockerScope};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -27,24 +29,6 @@ fn free_udp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn docker(args: &[&str]) -> std::process::Output {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run docker")
-}
-
-fn docker_available() -> bool {
-    Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-        && Path::new("/bin/busybox").exists()
 }
 
 /// An image whose only file is busybox and a page, running httpd.
@@ -123,22 +107,13 @@ impl Drop for AgentProcess {
     }
 }
 
-/// Removes what the test made in the shared engine, whatever happens.
-struct EngineCleanup {
-    scope: String,
-    network: String,
-    image: String,
-}
+/// Removes the test's image, whatever happens (the scope's containers and
+/// network go with the [`DockerScope`]).
+struct ImageCleanup(String);
 
-impl Drop for EngineCleanup {
+impl Drop for ImageCleanup {
     fn drop(&mut self) {
-        let label = format!("label=io.globalstacks.scope={}", self.scope);
-        let ids = docker(&["ps", "-aq", "--filter", &label]);
-        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
-            let _ = docker(&["rm", "-f", id]);
-        }
-        let _ = docker(&["network", "rm", &self.network]);
-        let _ = docker(&["rmi", "-f", &self.image]);
+        let _ = docker(&["rmi", "-f", &self.0]);
     }
 }
 
@@ -165,19 +140,15 @@ async fn http_get(from: Ipv4Addr, to: SocketAddr) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
-    if !docker_available() {
-        eprintln!("skipped: no Docker engine answers `docker info` (or no /bin/busybox)");
+    if !tests::docker::available() {
         return;
     }
     let dirs = tempfile::tempdir().unwrap();
     let unique = format!("{}-{}", std::process::id(), control::secret::new_id("t"));
-    let cleanup = EngineCleanup {
-        scope: format!("netcontrol-test-{unique}"),
-        network: format!("gstacks-nc-{unique}"),
-        image: format!("gstacks-test/netcontrol-httpd:{unique}"),
-    };
+    let engine_b = DockerScope::new();
+    let image = ImageCleanup(format!("gstacks-test/netcontrol-httpd:{unique}"));
     let page = format!("hello from the container {unique}");
-    build_httpd_image(dirs.path(), &cleanup.image, &page);
+    build_httpd_image(dirs.path(), &image.0, &page);
 
     let cluster = Cluster::start().await;
     let (_, secret) = cluster
@@ -206,7 +177,7 @@ async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
             ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh(mesh_a)),
             (
                 "GLOBALSTACKS_AGENT_RUNTIME_SCOPE",
-                format!("{}-a", cleanup.scope),
+                format!("{}-a", engine_b.scope),
             ),
         ],
     );
@@ -222,13 +193,10 @@ async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
             ("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", ip_b.to_string()),
             ("GLOBALSTACKS_AGENT_MESH_LISTEN", mesh(mesh_b)),
             ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh(mesh_b)),
-            ("GLOBALSTACKS_AGENT_RUNTIME_SCOPE", cleanup.scope.clone()),
-            ("GLOBALSTACKS_AGENT_DOCKER_NETWORK", cleanup.network.clone()),
-            (
-                "GLOBALSTACKS_AGENT_DOCKER_SUBNET",
-                "10.213.171.0/24".to_owned(),
-            ),
-        ],
+        ]
+        .into_iter()
+        .chain(engine_b.agent_env())
+        .collect::<Vec<_>>(),
     );
     let host_a = a.host_id().await;
     let host_b = b.host_id().await;
@@ -247,7 +215,7 @@ async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
             "--host-id",
             &host_b,
             "--image",
-            &cleanup.image,
+            &image.0,
             "--name",
             "api",
         ])
@@ -264,7 +232,12 @@ async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
         (shown["status"] == "running").then_some(address)
     })
     .await;
-    assert!(address.starts_with("10.213.171."), "{address}");
+    let prefix = engine_b.subnet.trim_end_matches("0/24");
+    assert!(
+        address.starts_with(prefix),
+        "{address} in {}",
+        engine_b.subnet
+    );
 
     cluster.add_sandbox("sbx_web", &host_a, &web_ip.to_string(), &[]);
     cluster.json(&["network", "create", "dev"]).await;
@@ -310,5 +283,5 @@ async fn a_sandbox_reaches_a_real_container_through_the_mesh() {
 
     let out = cluster.cli(&["sandbox", "deprovision", &api]).await;
     assert!(out.status.success(), "{}", network_support::text(&out));
-    drop(cleanup);
+    drop(image);
 }
