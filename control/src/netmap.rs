@@ -18,6 +18,9 @@ use proto::{AliasView, DnsRecord, Netmap, NetworkView, Peer, SandboxEndpoint};
 /// behind NAT; between host agents none is needed.
 pub const LOCAL_KEEPALIVE_SECS: u32 = 25;
 
+/// Status of a deprovisioned sandbox (the sandbox model's `archived`).
+const ARCHIVED: &str = "archived";
+
 /// The shared, per-network part of every member's netmap.
 #[derive(Debug, Default)]
 struct NetworkPart {
@@ -71,9 +74,13 @@ impl NetmapIndex {
             .filter(|n| n.kind == NodeKind::Agent && !n.host_id.is_empty())
             .map(|n| (n.host_id.as_str(), n))
             .collect();
+        // An archived sandbox has no container any more: it is left out like
+        // a vanished one (no endpoint, no record, its host not a member on
+        // its account); the attachment stays for `network show`.
         let mut sandboxes: HashMap<String, SandboxEndpoint> = topology
             .sandboxes
             .iter()
+            .filter(|s| s.status != ARCHIVED)
             .map(|s| {
                 (
                     s.id.clone(),
@@ -128,10 +135,9 @@ impl NetmapIndex {
             let Some(part) = networks.get_mut(&alias.network) else {
                 continue;
             };
-            let host_id = sandboxes
-                .get(&alias.sandbox_id)
-                .map(|s| s.host_id.clone())
-                .unwrap_or_default();
+            let Some(host_id) = sandboxes.get(&alias.sandbox_id).map(|s| s.host_id.clone()) else {
+                continue;
+            };
             let ports: Vec<u32> = alias.ports.iter().map(|p| u32::from(*p)).collect();
             part.view.aliases.push(AliasView {
                 alias: alias.alias.clone(),
@@ -515,6 +521,29 @@ mod tests {
         let a = index.for_host("hst_a").unwrap();
         assert!(!a.dns_records.iter().any(|r| r.alias == "lonely"));
         assert!(a.networks[0].aliases.iter().any(|v| v.alias == "lonely"));
+    }
+
+    #[test]
+    fn archived_or_vanished_sandboxes_publish_nothing() {
+        let mut t = topology();
+        // web (host b) is archived; db's record is gone.
+        t.sandboxes[1].status = "archived".into();
+        t.sandboxes.retain(|s| s.id != "sbx_db");
+        let index = NetmapIndex::new(&t);
+        let a = index.for_host("hst_a").unwrap();
+        assert_eq!(record_names(&a), ["api.dev.gstacks", "lonely.dev.gstacks"]);
+        assert!(!a.networks[0].aliases.iter().any(|v| v.alias == "web"));
+        assert!(!a.sandboxes.iter().any(|s| s.sandbox_id == "sbx_web"));
+        // b hosts nothing live any more: no networks, no peers.
+        let b = index.for_host("hst_b").unwrap();
+        assert!(b.networks.is_empty() && b.peers.is_empty());
+        assert!(!a.peers.iter().any(|p| p.host_id == "hst_b"));
+        let c = index.for_host("hst_c").unwrap();
+        assert!(c.dns_records.is_empty());
+    }
+
+    fn record_names(netmap: &Netmap) -> Vec<&str> {
+        netmap.dns_records.iter().map(|r| r.name.as_str()).collect()
     }
 
     #[test]

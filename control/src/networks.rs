@@ -479,6 +479,16 @@ impl ControlPlane {
         // Participating hosts: the alias's host, and the source sandbox's.
         let mut hosts: Vec<(String, &'static str)> = Vec::new();
         match sandbox_of(&target.sandbox_id) {
+            Some(s) if s.status == "archived" => {
+                check(
+                    "target_sandbox",
+                    false,
+                    format!(
+                        "sandbox `{}` behind the alias is archived: it has no container",
+                        s.id
+                    ),
+                );
+            }
             Some(s) => hosts.push((s.host_id.clone(), "target")),
             None => {
                 check(
