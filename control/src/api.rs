@@ -511,4 +511,28 @@ impl ControlApi for OperatorApi {
             .await?;
         Ok(Response::new(sandbox_view(sandbox)))
     }
+
+    async fn mesh_join(
+        &self,
+        request: Request<MeshJoinRequest>,
+    ) -> Result<Response<MeshJoinResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let request = request.into_inner();
+        let joined = self
+            .plane
+            .mesh_join(&request.network, request.ttl_secs)
+            .await?;
+        Ok(Response::new(joined))
+    }
+
+    async fn revoke_mesh_node(
+        &self,
+        request: Request<RevokeMeshNodeRequest>,
+    ) -> Result<Response<RevokeMeshNodeResponse>, Status> {
+        let who = self.plane.authorize_operator(request.metadata())?;
+        let revoked = self
+            .plane
+            .revoke_mesh_node(&request.into_inner().node_id, &who)?;
+        Ok(Response::new(revoked))
+    }
 }

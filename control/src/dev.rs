@@ -59,6 +59,7 @@ pub async fn run(options: DevOptions) -> Result<()> {
         .store
         .revoke_operator_tokens_described(DEV_OPERATOR_TOKEN, crate::clock::now_ms())?;
     let operator = plane.create_operator_token(DEV_OPERATOR_TOKEN)?;
+    let mesh_token = configure_mesh(&running)?;
     // Used only if the local agent has not enrolled yet; expires soon.
     let (token, provisioning) = plane.create_provisioning_token(
         DEFAULT_CLUSTER_ID,
@@ -121,6 +122,13 @@ pub async fn run(options: DevOptions) -> Result<()> {
         println!("  {} host list", cli.display());
     } else {
         println!("  gstacks host list");
+    }
+    if let Some(token) = &mesh_token {
+        println!();
+        println!("Laptop joins (gstacks mesh join) register here; the control plane mints their keys through its own mesh API:");
+        println!("  GLOBALSTACKS_MESH_CONTROL_URL={}", running.url());
+        println!("  GLOBALSTACKS_MESH_API_URL={}", running.url());
+        println!("  GLOBALSTACKS_MESH_API_TOKEN={}", token.expose());
     }
     println!();
     println!("The operator token is shown once and changes at every start. Ctrl-C stops the control plane and the agent.");
@@ -222,4 +230,29 @@ async fn stop_child(child: &mut Child) {
         }
     }
     let _ = child.kill().await;
+}
+
+/// Points the laptop-mesh settings at this control plane, unless the
+/// operator configured a source: a fresh mesh API token (returned to be
+/// printed) and this server's URL as both the registration URL and the
+/// mesh API.
+fn configure_mesh(running: &Running) -> Result<Option<crate::secret::Secret>> {
+    let mut settings = running.plane.mesh.get();
+    if settings.source().is_ok() {
+        return Ok(None);
+    }
+    let token = running.plane.create_mesh_api_token("gstacks-control dev")?;
+    let url = running.url();
+    if settings
+        .control_url
+        .as_deref()
+        .is_none_or(|u| u.trim().is_empty())
+    {
+        settings.control_url = Some(url.clone());
+    }
+    settings.api_url = Some(url);
+    settings.api_token = Some(token.secret.expose().to_owned());
+    settings.auth_key = None;
+    running.plane.mesh.set(settings);
+    Ok(Some(token.secret))
 }

@@ -20,6 +20,7 @@ pub mod api;
 pub mod clock;
 pub mod dev;
 pub mod error;
+pub mod mesh;
 pub mod netmap;
 pub mod netmaps;
 pub mod networks;

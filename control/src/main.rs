@@ -53,6 +53,45 @@ enum Cmd {
         #[arg(long, default_value = "created with gstacks-control operator-token")]
         description: String,
     },
+    /// Create a mesh API token (GLOBALSTACKS_MESH_API_TOKEN) directly in
+    /// the store. Prints it once.
+    MeshApiToken {
+        /// Data dir of the control plane.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "created with gstacks-control mesh-api-token")]
+        description: String,
+    },
+    /// Create a reusable pre-auth key (GLOBALSTACKS_MESH_AUTH_KEY) directly
+    /// in the store. Prints it once.
+    MeshAuthKey {
+        /// Data dir of the control plane.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Only this network (default: any).
+        #[arg(long, default_value = "")]
+        network: String,
+        /// Lifetime of the key, e.g. 30d.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// The control plane over the store of a data dir, for the store-only verbs.
+fn offline_plane(
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<std::sync::Arc<control::plane::ControlPlane>> {
+    let data_dir = match data_dir {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let path = data_dir.join(control::server::STORE_FILE);
+    anyhow::ensure!(path.is_file(), "no store at {}", path.display());
+    let store = control::store::sqlite::SqliteStore::open(&path)?;
+    Ok(control::plane::ControlPlane::new(
+        std::sync::Arc::new(store),
+        Settings::default(),
+    ))
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,11 +115,67 @@ struct Common {
     /// Memory limit in MiB of a sandbox that asks for none.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     sandbox_memory_mib: u64,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+/// Laptop joins (`gstacks mesh join`): where laptops register and where
+/// pre-auth keys come from. `dev` points them at itself unless given.
+#[derive(clap::Args, Debug)]
+struct MeshArgs {
+    /// URL laptops register at: this control plane's MeshControl (its https URL).
+    #[arg(long, env = "GLOBALSTACKS_MESH_CONTROL_URL", value_name = "URL")]
+    mesh_control_url: Option<String>,
+    /// A pre-created pre-auth key handed to every join (`gstacks-control mesh-auth-key`).
+    #[arg(
+        long,
+        env = "GLOBALSTACKS_MESH_AUTH_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    mesh_auth_key: Option<String>,
+    /// The mesh control API that mints a short-lived single-use key per join.
+    #[arg(long, env = "GLOBALSTACKS_MESH_API_URL", value_name = "URL")]
+    mesh_api_url: Option<String>,
+    /// Token for --mesh-api-url (`gstacks-control mesh-api-token`).
+    #[arg(
+        long,
+        env = "GLOBALSTACKS_MESH_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    mesh_api_token: Option<String>,
+    /// Recorded with every key minted through the mesh API.
+    #[arg(long, env = "GLOBALSTACKS_MESH_USER", value_name = "USER")]
+    mesh_user: Option<String>,
+    /// PEM to check the mesh API's certificate against [default: this control plane's own].
+    #[arg(long, env = "GLOBALSTACKS_MESH_API_CA_FILE", value_name = "PEM")]
+    mesh_api_ca_file: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    fn settings(&self) -> anyhow::Result<control::mesh::MeshSettings> {
+        let api_ca_pem = match &self.mesh_api_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("GLOBALSTACKS_MESH_API_CA_FILE {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(control::mesh::MeshSettings {
+            control_url: self.mesh_control_url.clone(),
+            auth_key: self.mesh_auth_key.clone(),
+            api_url: self.mesh_api_url.clone(),
+            api_token: self.mesh_api_token.clone(),
+            user: self.mesh_user.clone(),
+            api_ca_pem,
+        })
+    }
 }
 
 impl Common {
-    fn settings(&self) -> Settings {
-        Settings {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(Settings {
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout),
             terminal_max_duration: Duration::from_secs(self.terminal_max_duration),
             default_image: self
@@ -90,8 +185,9 @@ impl Common {
                 .filter(|image| !image.is_empty())
                 .map(str::to_owned),
             sandbox_memory_bytes: self.sandbox_memory_mib << 20,
+            mesh: self.mesh.settings()?,
             ..Settings::default()
-        }
+        })
     }
 }
 
@@ -151,7 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 data_dir,
                 listen: common.listen,
                 tls,
-                settings: common.settings(),
+                settings: common.settings()?,
                 first_operator_token: true,
             })
             .await?;
@@ -190,7 +286,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     data_dir,
                     listen: common.listen,
                     tls: TlsSource::Dev,
-                    settings: common.settings(),
+                    settings: common.settings()?,
                     first_operator_token: false,
                 },
                 agent_binary: agent_bin,
@@ -213,6 +309,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 control::plane::ControlPlane::new(std::sync::Arc::new(store), Settings::default());
             let token = plane.create_operator_token(&description)?;
             println!("{}", token.secret.expose());
+            Ok(())
+        }
+        Cmd::MeshApiToken {
+            data_dir,
+            description,
+        } => {
+            let plane = offline_plane(data_dir)?;
+            let token = plane.create_mesh_api_token(&description)?;
+            println!("{}", token.secret.expose());
+            Ok(())
+        }
+        Cmd::MeshAuthKey {
+            data_dir,
+            network,
+            ttl,
+        } => {
+            let plane = offline_plane(data_dir)?;
+            let key = plane
+                .mint_pre_auth_key(&network, None, "", true, ttl)
+                .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+            println!("{}", key.secret.expose());
             Ok(())
         }
     }

@@ -31,6 +31,8 @@ pub struct Settings {
     /// Memory limit of a sandbox that asks for none (placement checks it
     /// against the host's available memory).
     pub sandbox_memory_bytes: u64,
+    /// Where laptops register and where pre-auth keys come from.
+    pub mesh: crate::mesh::MeshSettings,
 }
 
 impl Default for Settings {
@@ -42,6 +44,7 @@ impl Default for Settings {
             default_token_ttl: Duration::from_secs(24 * 3600),
             default_image: None,
             sandbox_memory_bytes: DEFAULT_SANDBOX_MEMORY,
+            mesh: crate::mesh::MeshSettings::default(),
         }
     }
 }
@@ -56,6 +59,8 @@ pub struct ControlPlane {
     pub settings: Settings,
     /// Netmap delivery state (its task is [`crate::netmaps::run`]).
     pub netmaps: crate::netmaps::NetmapDelivery,
+    /// The live laptop-mesh settings (`dev` fills them in at start).
+    pub mesh: crate::mesh::MeshConfig,
     /// Serialises the operations on each sandbox.
     pub sandbox_locks: crate::sandboxes::SandboxLocks,
     /// Wakes `host logs --follow` readers: carries the new event's host id.
@@ -98,11 +103,13 @@ impl ControlPlane {
     /// The state over a store. The server calls [`Self::start_fresh`] first.
     pub fn new(store: Arc<dyn Store>, settings: Settings) -> Arc<ControlPlane> {
         let (events, _) = broadcast::channel(1024);
+        let mesh = crate::mesh::MeshConfig::new(settings.mesh.clone());
         Arc::new(ControlPlane {
             store,
             sessions: Sessions::default(),
             settings,
             netmaps: crate::netmaps::NetmapDelivery::default(),
+            mesh,
             sandbox_locks: Default::default(),
             events,
         })

@@ -20,6 +20,12 @@ pub enum SecretKind {
     Provisioning,
     /// `gsth`: a host's stream credential.
     HostCredential,
+    /// `gsma`: a mesh API token (`MeshControl.CreatePreAuthKey`).
+    MeshApiToken,
+    /// `gsmk`: a mesh pre-auth key (`MeshControl.RegisterNode`).
+    PreAuthKey,
+    /// `gsmn`: a laptop node's credential (`MeshControl.WatchNetmap`).
+    NodeCredential,
 }
 
 impl SecretKind {
@@ -28,6 +34,9 @@ impl SecretKind {
             SecretKind::Operator => "gsto",
             SecretKind::Provisioning => "gstp",
             SecretKind::HostCredential => "gsth",
+            SecretKind::MeshApiToken => "gsma",
+            SecretKind::PreAuthKey => "gsmk",
+            SecretKind::NodeCredential => "gsmn",
         }
     }
 
@@ -36,6 +45,9 @@ impl SecretKind {
             SecretKind::Operator => "operator token",
             SecretKind::Provisioning => "provisioning token",
             SecretKind::HostCredential => "stream credential",
+            SecretKind::MeshApiToken => "mesh API token",
+            SecretKind::PreAuthKey => "pre-auth key",
+            SecretKind::NodeCredential => "node credential",
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Starting the control plane: the store in the data dir, the certificate,
-//! and one TLS gRPC server for `AgentService` and `ControlApi`.
+//! and one TLS gRPC server for `AgentService`, `ControlApi` and `MeshControl`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -125,6 +125,7 @@ pub async fn start(options: ServeOptions) -> Result<Running> {
     let plane = ControlPlane::new(Arc::new(store), options.settings.clone());
     plane.start_fresh()?;
     tokio::spawn(crate::netmaps::run(plane.clone()));
+    tokio::spawn(crate::mesh::run_expiry(plane.clone()));
     let first_operator_token = if options.first_operator_token {
         plane.ensure_first_operator_token()?
     } else {
@@ -134,6 +135,7 @@ pub async fn start(options: ServeOptions) -> Result<Running> {
         TlsSource::Files { cert, key } => (TlsMaterial::load(cert, key)?, false),
         TlsSource::Dev => TlsMaterial::ensure_dev(&options.data_dir)?,
     };
+    plane.mesh.set_own_ca(tls.cert_pem.clone());
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|source| ControlError::Listen {
@@ -158,6 +160,9 @@ pub async fn start(options: ServeOptions) -> Result<Running> {
         ))
         .add_service(proto::control_api_server::ControlApiServer::new(
             OperatorApi::new(plane.clone()),
+        ))
+        .add_service(proto::mesh_control_server::MeshControlServer::new(
+            crate::mesh::MeshApi::new(plane.clone()),
         ));
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

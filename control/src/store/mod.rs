@@ -5,6 +5,7 @@
 //! Secrets never reach the store in clear: tokens and credentials are kept
 //! as SHA-256 hashes (see [`crate::secret`]).
 
+pub mod mesh;
 pub mod network;
 pub mod sqlite;
 
@@ -486,4 +487,24 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         tail: Option<u32>,
     ) -> Result<Vec<StoredSandboxEvent>>;
+
+    // Laptop mesh (`gstacks mesh join`): see [`mesh`].
+
+    fn insert_mesh_api_token(&self, token: &mesh::MeshApiToken) -> Result<()>;
+    fn mesh_api_token(&self, id: &str) -> Result<Option<mesh::MeshApiToken>>;
+    fn insert_pre_auth_key(&self, key: &mesh::PreAuthKey) -> Result<()>;
+    fn pre_auth_key(&self, id: &str) -> Result<Option<mesh::PreAuthKey>>;
+    /// Consumes the key (unless reusable), joins the node to its network
+    /// (allocating its overlay addresses on its first join) and stores its
+    /// credential, in one transaction that bumps the topology version.
+    fn register_local_node(
+        &self,
+        registration: &mesh::LocalRegistration,
+    ) -> Result<mesh::Registered>;
+    fn node_credential(&self, node_id: &str) -> Result<Option<mesh::NodeCredential>>;
+    /// Takes a laptop node out of the mesh (see `sqlite::mesh::remove_local_node`).
+    /// None when there is no such laptop node.
+    fn remove_local_node(&self, node_id: &str, ended: Option<(&str, i64)>) -> Result<Option<u64>>;
+    /// Nodes whose live credential expired by `now_ms`.
+    fn expired_local_nodes(&self, now_ms: i64) -> Result<Vec<String>>;
 }

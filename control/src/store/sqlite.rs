@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use prost::Message as _;
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction};
 
+mod mesh;
 mod network;
 
 use super::{Alias, AttachedSandbox, Attachment, MeshNode, Network, PolicyRule, Topology};
@@ -27,6 +28,7 @@ const MIGRATIONS: &[Migration] = &[
     migrate_2_default_cluster,
     migrate_3_sandboxes,
     network::migrate_networks,
+    mesh::migrate_mesh,
 ];
 
 /// Host events kept per host; older ones are pruned.
@@ -491,6 +493,41 @@ fn write_sandbox(conn: &Connection, sandbox: &Sandbox, insert: bool) -> Result<u
 }
 
 impl Store for SqliteStore {
+    fn insert_mesh_api_token(&self, token: &super::mesh::MeshApiToken) -> Result<()> {
+        self.with(|conn| mesh::insert_api_token(conn, token))
+    }
+
+    fn mesh_api_token(&self, id: &str) -> Result<Option<super::mesh::MeshApiToken>> {
+        self.with(|conn| mesh::api_token(conn, id))
+    }
+
+    fn insert_pre_auth_key(&self, key: &super::mesh::PreAuthKey) -> Result<()> {
+        self.with(|conn| mesh::insert_pre_auth_key(conn, key))
+    }
+
+    fn pre_auth_key(&self, id: &str) -> Result<Option<super::mesh::PreAuthKey>> {
+        self.with(|conn| mesh::pre_auth_key(conn, id))
+    }
+
+    fn register_local_node(
+        &self,
+        registration: &super::mesh::LocalRegistration,
+    ) -> Result<super::mesh::Registered> {
+        self.change(|tx| mesh::register(tx, registration))
+    }
+
+    fn node_credential(&self, node_id: &str) -> Result<Option<super::mesh::NodeCredential>> {
+        self.with(|conn| mesh::credential(conn, node_id))
+    }
+
+    fn remove_local_node(&self, node_id: &str, ended: Option<(&str, i64)>) -> Result<Option<u64>> {
+        self.change(|tx| mesh::remove_local_node(tx, node_id, ended))
+    }
+
+    fn expired_local_nodes(&self, now_ms: i64) -> Result<Vec<String>> {
+        self.with(|conn| mesh::expired(conn, now_ms))
+    }
+
     fn clusters(&self) -> Result<Vec<Cluster>> {
         self.with(|conn| {
             let mut stmt = conn.prepare(
