@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod hosts;
+mod mesh;
 mod networks;
 mod output;
 mod sandboxes;
@@ -54,6 +55,43 @@ enum Cmd {
     /// Sandboxes: create, list, show, start, stop, reprovision, deprovision.
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+    /// This machine in a runtime network: join, status, forward, leave.
+    #[command(subcommand)]
+    Mesh(MeshCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum MeshCmd {
+    /// Join a network as a `local` node with a short-lived credential.
+    Join {
+        network: String,
+        /// Lifetime of the credential (e.g. 30m, 1h, 8h).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Network, addresses, credential expiry, peers, topology version.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward aliases of the network to local ports until Ctrl-C.
+    Forward {
+        network: String,
+        /// <alias>:<port>, e.g. api:8080 (several allowed).
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Local port (127.0.0.1) or ip:port; one per target, in order, or
+        /// several for a single target.
+        #[arg(long = "local", required = true)]
+        locals: Vec<String>,
+    },
+    /// Remove this node on the control plane and delete the local state.
+    Leave {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -356,10 +394,13 @@ enum ClusterCmd {
 
 fn main() {
     let args: Args = proto::build_info::parse_args();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The forwarder's mesh node and connections use both cores.
+    let mut builder = if matches!(args.command, Cmd::Mesh(MeshCmd::Forward { .. })) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: starting the async runtime: {err}");
@@ -382,6 +423,20 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         login(url, token, ca).await?;
         return Ok(0);
     }
+    let args = match args.command {
+        // Only `join` needs the operator API; the rest works from the state.
+        Cmd::Mesh(MeshCmd::Status { json }) => return mesh::status(json).await,
+        Cmd::Mesh(MeshCmd::Leave { json }) => return mesh::leave(json).await,
+        Cmd::Mesh(MeshCmd::Forward {
+            network,
+            targets,
+            locals,
+        }) => {
+            let forwards = mesh::pair_forwards(&targets, &locals)?;
+            return mesh::forward(network, forwards).await;
+        }
+        command => Args { command },
+    };
     let resolved = config::resolve()?;
     let mut api = client::connect(&resolved).await?;
     match args.command {
@@ -429,6 +484,10 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Cluster(ClusterCmd::List { json }) => tokens::clusters(&mut api, json).await?,
         Cmd::Network(cmd) => return network(&mut api, cmd).await,
         Cmd::Sandbox(cmd) => return sandbox(&mut api, cmd).await,
+        Cmd::Mesh(MeshCmd::Join { network, ttl, json }) => {
+            return mesh::join(&mut api, &resolved, network, ttl, json).await
+        }
+        Cmd::Mesh(_) => unreachable!("handled above"),
     }
     Ok(0)
 }
