@@ -66,8 +66,13 @@ impl Cluster {
         self.running = Some(running);
     }
 
-    /// `gstacks <args>` against this control plane.
-    pub async fn cli(&self, args: &[&str]) -> Output {
+    /// The CLI's HOME (its config dir is `.config/gstacks` in it).
+    pub fn home(&self) -> &std::path::Path {
+        self.home.path()
+    }
+
+    /// The `gstacks <args>` command against this control plane, not started.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(tests::binary("gstacks"));
         command
             .args(args)
@@ -77,6 +82,12 @@ impl Cluster {
             .env("GLOBALSTACKS_API_TOKEN", &self.token)
             .env("GLOBALSTACKS_API_CA_FILE", self.ca_file())
             .stdin(Stdio::null());
+        command
+    }
+
+    /// `gstacks <args>` against this control plane.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        let mut command = self.cli_command(args);
         tokio::task::spawn_blocking(move || command.output().unwrap())
             .await
             .unwrap()
