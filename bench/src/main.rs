@@ -30,6 +30,9 @@ enum BenchCommand {
     /// The agent DNS: queries per second (dnsperf) beside dnsmasq answering
     /// the same record.
     Dns(scenario::dns::Options),
+    /// The laptop path: `gstacks mesh forward` (control plane, agent and
+    /// CLI, all real) beside direct loopback TCP.
+    Forward(scenario::forward::Options),
     /// (internal) Hold idle connections open for the memory figure.
     #[command(hide = true)]
     HoldIdle(scenario::netstack::HoldIdle),
@@ -52,6 +55,17 @@ fn main() -> ExitCode {
         }),
         BenchCommand::Dns(options) => scenario::dns::run(&options).and_then(|results| {
             println!("{}", scenario::dns::table(&results));
+            if let Some(path) = &options.json {
+                std::fs::write(path, results.to_json() + "\n")
+                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+            }
+            Ok(())
+        }),
+        BenchCommand::Forward(options) => scenario::forward::run(&options).and_then(|results| {
+            println!(
+                "{}",
+                results.table(scenario::forward::SCENARIO, &scenario::forward::METRICS)
+            );
             if let Some(path) = &options.json {
                 std::fs::write(path, results.to_json() + "\n")
                     .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;

@@ -2,9 +2,10 @@
 //! and the baselines of the same run), drives its workload through each, and
 //! records figures, or the reason a baseline is unavailable. `netstack` uses
 //! the shared [`Results`](crate::results::Results) (JSON and table) and
-//! [`workload`](crate::workload) modules; later scenarios (`forward`) are
-//! siblings.
+//! [`workload`](crate::workload) modules, and so does `forward` (the laptop's
+//! `gstacks mesh forward` beside loopback).
 
 pub mod control;
 pub mod dns;
+pub mod forward;
 pub mod netstack;

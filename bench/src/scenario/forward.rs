@@ -1,0 +1,360 @@
+//! `gstacks-bench forward`: the laptop path of `gstacks mesh forward`
+//! (issue 8) beside direct loopback TCP, in the same run.
+//!
+//! Set up with real parts: the control plane in this process (so the bench
+//! can register a sandbox record), a real `gstacks-agent` process, the
+//! `gstacks` CLI (`mesh join`, then `mesh forward` as a child process), and
+//! the workload service on 127.0.0.1 standing in for the sandbox. The
+//! measured path: client -> 127.0.0.1:<local> (the forwarder) -> its
+//! userspace mesh node -> the agent's overlay port 4180 (policy, `local`)
+//! -> the service. The baseline: the client straight to the service.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::results::{Metric, Results, System};
+use crate::workload::{self, BoxStream, Dialer};
+
+pub const SCENARIO: &str = "forward";
+pub const METRICS: [Metric; 4] = [
+    Metric::ThroughputUp,
+    Metric::ThroughputDown,
+    Metric::RttP50,
+    Metric::RttP99,
+];
+const RTT_SIZE: usize = 64;
+const RTT_WARMUP: usize = 200;
+const RTT_COUNT: usize = 5_000;
+/// Bound for every setup step (agent connected, forwarder ready, ...).
+const SETUP: Duration = Duration::from_secs(60);
+const NETWORK: &str = "bench";
+const ALIAS: &str = "svc";
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Also write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Seconds per throughput measurement.
+    #[arg(long, value_name = "SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub seconds: u64,
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            if let Ok(pid) = i32::try_from(self.0.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("path of gstacks-bench")?;
+    let path = exe.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to gstacks-bench; build it: cargo build --release --bins",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn free_port(udp: bool) -> Result<u16> {
+    let port = if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    };
+    Ok(port)
+}
+
+async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + SETUP;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("{what} not within {SETUP:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn dialer(addr: SocketAddr) -> Dialer {
+    Arc::new(move || {
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream) as BoxStream)
+        })
+    })
+}
+
+/// Throughput both ways and 64-byte round trips through `dial`.
+async fn measure(system: System, dial: &Dialer, seconds: Duration, results: &mut Results) {
+    let deadline = seconds * 4 + Duration::from_secs(30);
+    let mut note = |metric: Metric, outcome: Result<f64>| match outcome {
+        Ok(v) => results.record(SCENARIO, system, metric, v),
+        Err(e) => results.unavailable(SCENARIO, system, Some(metric), format!("{e:#}")),
+    };
+    let timed = |r: Result<std::io::Result<f64>, tokio::time::error::Elapsed>| match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!(e)),
+        Err(_) => Err(anyhow!("no result within {deadline:?}")),
+    };
+    eprintln!("forward:   {} throughput up", system.name());
+    note(
+        Metric::ThroughputUp,
+        timed(tokio::time::timeout(deadline, workload::throughput_up(dial, seconds)).await),
+    );
+    eprintln!("forward:   {} throughput down", system.name());
+    note(
+        Metric::ThroughputDown,
+        timed(tokio::time::timeout(deadline, workload::throughput_down(dial, seconds)).await),
+    );
+    eprintln!("forward:   {} round trips", system.name());
+    match tokio::time::timeout(
+        Duration::from_secs(120),
+        workload::round_trips(dial, RTT_SIZE, RTT_WARMUP, RTT_COUNT),
+    )
+    .await
+    {
+        Ok(Ok((p50, p99))) => {
+            note(Metric::RttP50, Ok(p50));
+            note(Metric::RttP99, Ok(p99));
+        }
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no result within 120 s".to_owned(),
+            };
+            note(Metric::RttP50, Err(anyhow!(why.clone())));
+            note(Metric::RttP99, Err(anyhow!(why)));
+        }
+    }
+}
+
+/// Runs the scenario: loopback first, then the forwarder.
+pub fn run(options: &Options) -> Result<Results> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("build tokio runtime")?;
+    runtime.block_on(run_async(options))
+}
+
+async fn run_async(options: &Options) -> Result<Results> {
+    let mut results = Results::default();
+    let seconds = Duration::from_secs(options.seconds);
+    let work = tempfile::tempdir().context("create a temporary directory")?;
+
+    // The service standing in for the sandbox.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let service = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(workload::serve(stream));
+        }
+    });
+
+    eprintln!("forward: loopback");
+    measure(System::Loopback, &dialer(service), seconds, &mut results).await;
+
+    eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
+    match forwarder(work.path(), service).await {
+        Ok((local, _children, _control)) => {
+            measure(System::Gstacks, &dialer(local), seconds, &mut results).await;
+        }
+        Err(e) => results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}")),
+    }
+    Ok(results)
+}
+
+/// Brings up control plane, agent, join and `mesh forward`; the local
+/// address of the forwarder and what keeps it alive.
+async fn forwarder(
+    dir: &Path,
+    service: SocketAddr,
+) -> Result<(SocketAddr, Vec<Guard>, control::server::Running)> {
+    use control::store::{PolicyRule, Sandbox, SandboxRepo, SandboxStatus};
+
+    let running = control::server::start(control::server::ServeOptions {
+        data_dir: dir.join("control"),
+        listen: "127.0.0.1:0".parse()?,
+        tls: control::server::TlsSource::Dev,
+        settings: control::plane::Settings::default(),
+        first_operator_token: true,
+    })
+    .await?;
+    let plane = running.plane.clone();
+    let operator = running
+        .first_operator_token
+        .as_ref()
+        .context("no first operator token")?
+        .secret
+        .expose()
+        .to_owned();
+    let token = plane.create_mesh_api_token("gstacks-bench forward")?;
+    plane.mesh.set(control::mesh::MeshSettings {
+        control_url: Some(running.url()),
+        api_url: Some(running.url()),
+        api_token: Some(token.secret.expose().to_owned()),
+        ..Default::default()
+    });
+    let ca = running.tls.cert_path.clone();
+    let now = control::clock::now_ms();
+    plane.store.create_network(NETWORK, now)?;
+
+    let (_, provisioning) =
+        plane.create_provisioning_token("cls_default", "gstacks-bench forward", false, None)?;
+    let state_dir = dir.join("agent");
+    std::fs::create_dir_all(&state_dir)?;
+    let mesh = format!("127.0.0.1:{}", free_port(true)?);
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let agent = Guard(
+        Command::new(sibling("gstacks-agent")?)
+            .arg("run")
+            .env("GLOBALSTACKS_CONTROL_URL", running.url())
+            .env("GLOBALSTACKS_CONTROL_CA_FILE", &ca)
+            .env("GLOBALSTACKS_STATE_DIR", &state_dir)
+            .env("GLOBALSTACKS_PROVISIONING_TOKEN", provisioning.expose())
+            .env(
+                "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
+                format!("127.0.0.1:{}", free_port(true)?),
+            )
+            .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", "127.0.0.1")
+            .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
+            .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
+            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start gstacks-agent")?,
+    );
+    let credential = state_dir.join("credential.json");
+    let host_id = wait_for("agent enrolled", || {
+        let text = std::fs::read_to_string(&credential).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+        value["host_id"].as_str().map(str::to_owned)
+    })
+    .await?;
+    wait_for("agent connected", || plane.sessions.get(&host_id).map(drop)).await?;
+
+    let sandbox = Sandbox {
+        id: "sbx_bench".to_owned(),
+        cluster_id: "cls_default".to_owned(),
+        host_id: host_id.clone(),
+        name: "bench".to_owned(),
+        image: "local/bench".to_owned(),
+        image_digest: String::new(),
+        blueprint_id: String::new(),
+        status: SandboxStatus::Running,
+        status_message: String::new(),
+        container_id: String::new(),
+        container_name: String::new(),
+        addresses: vec![service.ip().to_string()],
+        docker_network: String::new(),
+        tags: Vec::new(),
+        traits: Vec::new(),
+        volumes: Vec::new(),
+        repo: SandboxRepo::default(),
+        memory_bytes: 0,
+        millicpus: 0,
+        created_by: "gstacks-bench".to_owned(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        archived_at_ms: 0,
+    };
+    plane.store.insert_sandbox(&sandbox)?;
+    plane
+        .store
+        .attach_sandbox(NETWORK, "sbx_bench", Some((ALIAS, &[service.port()])), now)?;
+    plane.store.add_policy_rule(&PolicyRule {
+        id: "pol_bench".to_owned(),
+        network: NETWORK.to_owned(),
+        from: "local".to_owned(),
+        to: ALIAS.to_owned(),
+        port: 0,
+        created_at_ms: now,
+    })?;
+
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home)?;
+    let cli = sibling("gstacks")?;
+    let command = |args: &[&str]| {
+        let mut c = Command::new(&cli);
+        c.args(args)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("GLOBALSTACKS_API_URL", running.url())
+            .env("GLOBALSTACKS_API_TOKEN", &operator)
+            .env("GLOBALSTACKS_API_CA_FILE", &ca)
+            .stdin(Stdio::null());
+        c
+    };
+    let mut join = command(&["mesh", "join", NETWORK, "--ttl", "1h"]);
+    let out = tokio::task::spawn_blocking(move || join.output()).await??;
+    if !out.status.success() {
+        bail!(
+            "gstacks mesh join: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let local = SocketAddr::from(([127, 0, 0, 1], free_port(false)?));
+    let target = format!("{ALIAS}:{}", service.port());
+    let local_port = local.port().to_string();
+    let mut forward = command(&["mesh", "forward", NETWORK, &target, "--local", &local_port]);
+    let mut child = forward
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start gstacks mesh forward")?;
+    let stdout = child.stdout.take().context("forwarder stdout")?;
+    let forwarder = Guard(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Ctrl-C stops") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    wait_for("gstacks mesh forward ready", || rx.try_recv().ok()).await?;
+    // The first connection waits for the WireGuard handshake; open one so
+    // the measurements start on an established session.
+    let dial = dialer(local);
+    let deadline = Instant::now() + SETUP;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), workload::open_held(&dial)).await {
+            Ok(Ok(_held)) => break,
+            _ if Instant::now() > deadline => bail!("no connection through the forwarder"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Ok((local, vec![forwarder, agent], running))
+}
