@@ -66,6 +66,9 @@ impl AgentProcess {
             .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
             .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
             .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            // No container engine: the sandbox is a loopback server, and no
+            // rediscovery marks its container-less record failed.
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -484,4 +487,171 @@ async fn laptop_joins_forwards_and_is_cut_off_by_revocation_and_expiry() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("credential expired at"));
     drop(agent);
+}
+
+/// Removes the test's image, whatever happens.
+struct ImageCleanup(String);
+
+impl Drop for ImageCleanup {
+    fn drop(&mut self) {
+        let _ = tests::docker::docker(&["rmi", "-f", &self.0]);
+    }
+}
+
+/// An image whose only file is busybox and a page, running httpd on `port`.
+fn build_httpd_image(dir: &Path, tag: &str, page: &str, port: u16) {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::create_dir_all(root.join("www")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::fs::write(root.join("www/index.html"), page).unwrap();
+    let tar = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cmd = format!(r#"CMD ["/bin/busybox", "httpd", "-f", "-p", "{port}", "-h", "/www"]"#);
+    let out = tests::docker::docker(&["import", "--change", &cmd, tar.to_str().unwrap(), tag]);
+    assert!(out.status.success(), "docker import: {out:?}");
+}
+
+/// The seed's example end to end with a real container: `gstacks sandbox
+/// create` runs busybox httpd (an image made here with `docker import`,
+/// never pulled) on the agent, and `curl http://127.0.0.1:<local>` through
+/// `gstacks mesh forward` gets its page. Skipped with a message when no
+/// Docker engine answers (unless `GSTACKS_REQUIRE_DOCKER_TESTS=1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn laptop_reaches_a_real_container_through_mesh_forward() {
+    if !tests::docker::available() {
+        return;
+    }
+    const HTTPD_PORT: u16 = 8080;
+    let dirs = tempfile::tempdir().unwrap();
+    let unique = format!("{}-{}", std::process::id(), control::secret::new_id("t"));
+    let engine = tests::docker::DockerScope::new();
+    let image = ImageCleanup(format!("gstacks-test/mesh-httpd:{unique}"));
+    let page = format!("hello from the container {unique}");
+    build_httpd_image(dirs.path(), &image.0, &page, HTTPD_PORT);
+
+    let cluster = Cluster::start().await;
+    let plane = cluster.running().plane.clone();
+    let api_token = plane.create_mesh_api_token("mesh_laptop test").unwrap();
+    plane.mesh.set(MeshSettings {
+        control_url: Some(cluster.url()),
+        api_url: Some(cluster.url()),
+        api_token: Some(api_token.secret.expose().to_owned()),
+        ..MeshSettings::default()
+    });
+    let (_, provisioning) = plane
+        .create_provisioning_token("cls_default", "mesh laptop", false, None)
+        .unwrap();
+    let state_dir = dirs.path().join("agent");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let log = std::fs::File::create(state_dir.join("agent.log")).unwrap();
+    let mesh = format!("127.0.0.1:{}", free_udp_port());
+    let listen_ip = Ipv4Addr::new(127, 0, 73, 1);
+    let mut command = Command::new(tests::binary("gstacks-agent"));
+    command
+        .arg("run")
+        .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
+        .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
+        .env("GLOBALSTACKS_STATE_DIR", &state_dir)
+        .env("GLOBALSTACKS_PROVISIONING_TOKEN", provisioning.expose())
+        .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
+        .env(
+            "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
+            format!("{listen_ip}:{}", free_udp_port()),
+        )
+        .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string())
+        .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
+        .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
+        .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (key, value) in engine.agent_env() {
+        command.env(key, value);
+    }
+    let agent = AgentProcess {
+        child: command.spawn().unwrap(),
+        state_dir: state_dir.clone(),
+    };
+    let host = agent.host_id().await;
+    tests_wait(|| async { plane.sessions.get(&host).map(drop) }).await;
+
+    let created = cluster
+        .json(&[
+            "sandbox",
+            "create",
+            "--host-id",
+            &host,
+            "--image",
+            &image.0,
+            "--name",
+            "api",
+        ])
+        .await;
+    let api = created["id"].as_str().unwrap().to_owned();
+    tests_wait(|| async {
+        let shown = cluster.json(&["sandbox", "show", &api]).await;
+        let shown = if shown["sandbox"].is_object() {
+            shown["sandbox"].clone()
+        } else {
+            shown
+        };
+        (shown["status"] == "running" && !shown["addresses"].as_array()?.is_empty()).then_some(())
+    })
+    .await;
+    cluster.json(&["network", "create", "dev"]).await;
+    let port = HTTPD_PORT.to_string();
+    cluster
+        .json(&[
+            "network", "attach", "dev", &api, "--alias", "api", "--port", &port,
+        ])
+        .await;
+    cluster
+        .json(&[
+            "network", "policy", "allow", "dev", "--from", "local", "--to", "api",
+        ])
+        .await;
+
+    cluster.json(&["mesh", "join", "dev"]).await;
+    let local = free_tcp_port();
+    let target = format!("api:{HTTPD_PORT}");
+    let mut forward = Forwarder::start(
+        &cluster,
+        dirs.path(),
+        &["dev", &target, "--local", &local.to_string()],
+    );
+    forward.ready().await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], local));
+    let response = tests_wait(|| async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /index.html HTTP/1.0\r\nHost: api.dev.gstacks\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body))
+            .await
+            .ok()?
+            .ok()?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        body.contains(&page).then_some(body)
+    })
+    .await;
+    assert!(response.starts_with("HTTP/1."), "{response}");
+    forward.interrupt();
+    assert_eq!(forward.exit_code().await, 0, "{}", forward.stderr());
+    cluster.json(&["mesh", "leave"]).await;
+    let out = cluster.cli(&["sandbox", "deprovision", &api]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    drop(agent);
+    drop(image);
 }

@@ -249,6 +249,9 @@ async fn forwarder(
             .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
             .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
             .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            // No container engine: the sandbox is a loopback server, and no
+            // rediscovery marks its container-less record failed.
+            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
