@@ -233,14 +233,6 @@ impl NetmapIndex {
         self.for_node(&agent_node_id(host_id))
     }
 
-    /// Names of the networks a node takes part in.
-    pub fn networks_of(&self, node_id: &str) -> Vec<String> {
-        self.node_networks
-            .get(node_id)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
     /// The netmap of one node; None if the node is unknown.
     pub fn for_node(&self, node_id: &str) -> Option<Netmap> {
         let node = self.nodes.get(node_id)?;

@@ -64,11 +64,6 @@ impl NetmapDelivery {
         (Some(sent.digest) == index.digest_for_host(host_id)).then_some(sent.version)
     }
 
-    /// Version of the last netmap queued for the host.
-    pub fn last_sent_version(&self, host_id: &str) -> Option<u64> {
-        lock(&self.sent).get(host_id).map(|s| s.version)
-    }
-
     fn take_hellos(&self) -> HashSet<String> {
         std::mem::take(&mut *lock(&self.hellos))
     }
