@@ -260,6 +260,20 @@ pub async fn show(api: &mut Api, id: String, as_json: bool) -> anyhow::Result<()
     let sandbox = response.sandbox.unwrap_or_default();
     if as_json {
         let mut value = sandbox_json(&sandbox);
+        value["networks"] = response
+            .networks
+            .iter()
+            .map(|n| {
+                json!({
+                    "network": n.network,
+                    "aliases": n.aliases.iter().map(|a| json!({
+                        "alias": a.alias,
+                        "name": a.name,
+                        "ports": a.ports,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         value["history"] = response.history.iter().map(event_json).collect();
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -288,7 +302,7 @@ pub async fn show(api: &mut Api, id: String, as_json: bool) -> anyhow::Result<()
         ("container", or_dash(&sandbox.container_id)),
         ("container name", or_dash(&sandbox.container_name)),
         (
-            "network",
+            "docker network",
             if sandbox.docker_network.is_empty() {
                 "-".to_owned()
             } else {
@@ -299,6 +313,7 @@ pub async fn show(api: &mut Api, id: String, as_json: bool) -> anyhow::Result<()
                 )
             },
         ),
+        ("networks", networks_text(&response.networks)),
         ("tags", join_or_dash(&sandbox.tags)),
         ("traits", join_or_dash(&sandbox.traits)),
         (
@@ -357,6 +372,28 @@ pub async fn show(api: &mut Api, id: String, as_json: bool) -> anyhow::Result<()
         println!("  {} {} {}", rfc3339(e.at_ms), e.kind, e.message);
     }
     Ok(())
+}
+
+/// `dev (api.dev.gstacks:8080), ops (-)`.
+fn networks_text(networks: &[proto::SandboxNetworkView]) -> String {
+    if networks.is_empty() {
+        return "-".to_owned();
+    }
+    networks
+        .iter()
+        .map(|n| {
+            let aliases: Vec<String> = n
+                .aliases
+                .iter()
+                .map(|a| {
+                    let ports: Vec<String> = a.ports.iter().map(ToString::to_string).collect();
+                    format!("{}:{}", a.name, ports.join(","))
+                })
+                .collect();
+            format!("{} ({})", n.network, join_or_dash(&aliases))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The operations on one sandbox.

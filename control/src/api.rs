@@ -458,9 +458,33 @@ impl ControlApi for OperatorApi {
                 event: Some(stored.event),
             })
             .collect();
+        let topology = self.plane.store.topology()?;
+        let networks = topology
+            .attachments
+            .iter()
+            .filter(|a| a.sandbox_id == sandbox.id)
+            .map(|a| SandboxNetworkView {
+                network: a.network.clone(),
+                aliases: topology
+                    .aliases
+                    .iter()
+                    .filter(|alias| alias.sandbox_id == sandbox.id && alias.network == a.network)
+                    .map(|alias| SandboxAliasView {
+                        alias: alias.alias.clone(),
+                        name: format!(
+                            "{}.{}",
+                            alias.alias,
+                            crate::store::network::dns_suffix(&alias.network)
+                        ),
+                        ports: alias.ports.iter().map(|p| u32::from(*p)).collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
         Ok(Response::new(GetSandboxResponse {
             sandbox: Some(sandbox_view(sandbox)),
             history,
+            networks,
         }))
     }
 

@@ -194,6 +194,34 @@ fn sandbox_lifecycle_on_the_docker_engine() {
         "{table}"
     );
 
+    // The placement preferred the host holding the image, and says so.
+    let detail = show(cp, &id);
+    let placed = detail["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "sandbox.created")
+        .unwrap();
+    assert_eq!(placed["fields"]["image_cached"], "true", "{placed}");
+
+    // Networks and aliases show on the sandbox.
+    let out = cp.cli(&["network", "create", "dev"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cp.cli(&[
+        "network", "attach", "dev", &id, "--alias", "api", "--port", "8080",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let detail = show(cp, &id);
+    assert_eq!(detail["networks"][0]["network"], "dev", "{detail}");
+    assert_eq!(
+        detail["networks"][0]["aliases"][0]["name"],
+        "api.dev.gstacks"
+    );
+    assert_eq!(detail["networks"][0]["aliases"][0]["ports"][0], 8080);
+    let people = cp.cli(&["sandbox", "show", &id]);
+    let people = String::from_utf8_lossy(&people.stdout);
+    assert!(people.contains("dev (api.dev.gstacks:8080)"), "{people}");
+
     // Stop, start.
     let stopped = cp.json(&["sandbox", "stop", &id]);
     assert_eq!(stopped["status"], "stopped", "{stopped}");
@@ -514,4 +542,56 @@ fn host_disconnected_during_create_is_reconciled_on_reconnect() {
     let archived = cp.json(&["sandbox", "deprovision", &id]);
     assert_eq!(archived["status"], "archived");
     assert!(s.scope.containers().is_empty());
+}
+
+#[test]
+fn two_agents_share_one_engine_and_placement_counts_capacity() {
+    let Some(s) = setup() else { return };
+    let cp = &s.cp;
+    // A second agent on the same engine, in its own scope, with room for one.
+    let other_scope = DockerScope::new();
+    let mut env = agent_env(&other_scope, &s.volume_root);
+    env.push((
+        "GLOBALSTACKS_AGENT_MAX_SANDBOXES".to_owned(),
+        "1".to_owned(),
+    ));
+    let (_, secret) = cp.token(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let small = start_agent(cp, &dir.path().join("agent"), Some(&secret), &env);
+    let small_id = small.host_id();
+    cp.wait_status(&small_id, "connected", WAIT);
+
+    let first = cp.json(&["sandbox", "create", "--host-id", &small_id]);
+    assert_eq!(first["status"], "running", "{first}");
+    assert_eq!(first["docker_network"], other_scope.network.as_str());
+    // Full: the explicit host is refused with the reason.
+    let out = cp.cli(&["sandbox", "create", "--host-id", &small_id]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&small_id) && err.contains("full (1 of 1 sandboxes)"),
+        "{err}"
+    );
+    // Without a host: the one with room.
+    let second = cp.json(&["sandbox", "create"]);
+    assert_eq!(second["host_id"], s.host_id.as_str(), "{second}");
+
+    // Each agent sees and touches only its own scope.
+    assert_eq!(
+        other_scope.containers(),
+        [first["container"].as_str().unwrap().to_owned()]
+    );
+    assert_eq!(
+        s.scope.containers(),
+        [second["container"].as_str().unwrap().to_owned()]
+    );
+    for sandbox in [&first, &second] {
+        let id = sandbox["id"].as_str().unwrap();
+        assert_eq!(
+            cp.json(&["sandbox", "deprovision", id])["status"],
+            "archived"
+        );
+    }
+    assert!(other_scope.containers().is_empty() && s.scope.containers().is_empty());
+    drop(small);
 }
