@@ -743,13 +743,21 @@ pub async fn forward(network: String, forwards: Vec<Forward>) -> anyhow::Result<
                     // Not a refusal: keep forwarding with the last netmap and
                     // follow again once the control plane answers.
                     eprintln!("warning: {}; reconnecting", failure.1);
-                    stream = match reconnect(&state).await {
-                        Ok(s) => s,
+                    let netmap;
+                    (stream, netmap) = match reconnect(&state).await {
+                        Ok(again) => again,
                         Err(why) => {
                             eprintln!("error: {why}");
                             break EXIT_JOIN_AGAIN;
                         }
                     };
+                    if let Err(err) = node.set_peers(peer_configs(&netmap)) {
+                        eprintln!("warning: peers not applied: {err}");
+                    }
+                    if let Ok(mut slot) = current.write() {
+                        *slot = netmap;
+                    }
+                    eprintln!("following the netmap again");
                 }
             }
         }
@@ -762,12 +770,12 @@ pub async fn forward(network: String, forwards: Vec<Forward>) -> anyhow::Result<
 
 /// Follows the netmap again after a broken stream (backing off up to 10 s);
 /// Err only when the credential is refused.
-async fn reconnect(state: &MeshState) -> Result<tonic::Streaming<Netmap>, String> {
+async fn reconnect(state: &MeshState) -> Result<(tonic::Streaming<Netmap>, Netmap), String> {
     let mut wait = Duration::from_millis(500);
     loop {
         tokio::time::sleep(wait).await;
         match first_netmap(state).await {
-            Ok((stream, _)) => return Ok(stream),
+            Ok(again) => return Ok(again),
             Err((true, why)) => return Err(why),
             Err((false, why)) => {
                 eprintln!("warning: {why}; retrying in {}s", wait.as_secs().max(1));
