@@ -710,7 +710,9 @@ pub async fn forward(network: String, forwards: Vec<Forward>) -> anyhow::Result<
                     .unwrap_or_default();
                 let status = forward_status(&node, version, described.clone());
                 if let Ok(bytes) = serde_json::to_vec(&status) {
-                    let _ = write_private(&status_path, &bytes);
+                    // fsync off the runtime's workers, which carry the data.
+                    let path = status_path.clone();
+                    let _ = tokio::task::spawn_blocking(move || write_private(&path, &bytes)).await;
                 }
             }
         });
