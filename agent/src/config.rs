@@ -303,6 +303,13 @@ impl AgentConfig {
                 Duration::from_millis(ms)
             }
         };
+        let sandbox = crate::sandbox::SandboxSettings::from_source(source)?;
+        let mut network = crate::network::NetworkSettings::from_source(source)?;
+        // Containers reach the agent on their bridge's gateway unless
+        // GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR says otherwise.
+        if network.container_addr.is_none() {
+            network.container_addr = Some(std::net::IpAddr::V4(sandbox.docker_gateway()));
+        }
         Ok(Self {
             control_url,
             provisioning_token: source.get(PROVISIONING_TOKEN).map(Secret::new),
@@ -315,8 +322,8 @@ impl AgentConfig {
             },
             heartbeat_interval,
             tls,
-            network: crate::network::NetworkSettings::from_source(source)?,
-            sandbox: crate::sandbox::SandboxSettings::from_source(source)?,
+            network,
+            sandbox,
         })
     }
 
@@ -462,6 +469,27 @@ mod tests {
         assert!(c.traits.is_empty() && c.tags.is_empty());
         assert!(!c.disable_host_terminal);
         assert!(c.provisioning_token.is_none());
+    }
+
+    #[test]
+    fn containers_reach_the_agent_on_the_sandbox_gateway_unless_told() {
+        let c = config(None, &[(CONTROL_URL, "http://c:1")]).unwrap();
+        assert_eq!(
+            c.network.container_addr,
+            Some(std::net::IpAddr::V4(c.docker_gateway()))
+        );
+        let c = config(
+            None,
+            &[
+                (CONTROL_URL, "http://c:1"),
+                (MESH_CONTAINER_ADDR, "172.31.0.1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.network.container_addr,
+            Some("172.31.0.1".parse().unwrap())
+        );
     }
 
     #[test]

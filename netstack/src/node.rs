@@ -245,7 +245,10 @@ impl Node {
             next_socket_id: 1,
             listeners: HashMap::new(),
             ephemeral_in_use: HashMap::new(),
-            next_ephemeral: *EPHEMERAL_PORTS.start(),
+            // A random start (RFC 6056): a node restarted with the same key
+            // and address does not reuse the 4-tuples of connections its
+            // peers still hold from before.
+            next_ephemeral: rand::random_range(EPHEMERAL_PORTS),
             released: Vec::new(),
             half_closed: Vec::new(),
             parked: HashMap::new(),
