@@ -131,9 +131,23 @@ impl AgentService for AgentApi {
         self.plane.agent_hello(&host.id, hello.mesh.as_ref());
         tokio::spawn(run_session(self.plane.clone(), session.clone(), inbound));
         // Rediscovery: the agent reports its managed containers, the
-        // records are rebound (needs the session loop above for the reply).
+        // records are rebound (needs the session loop above for the reply);
+        // then again every `sandbox_resync` while this stream is the host's.
         let plane = self.plane.clone();
-        tokio::spawn(async move { plane.reconcile_sandboxes(session).await });
+        tokio::spawn(async move {
+            let mut close = session.close_signal();
+            loop {
+                plane.reconcile_sandboxes(session.clone()).await;
+                tokio::select! {
+                    () = tokio::time::sleep(plane.settings.sandbox_resync) => {}
+                    _ = close.changed() => return,
+                }
+                match plane.sessions.get(&session.host_id) {
+                    Some(current) if Arc::ptr_eq(&current, &session) => {}
+                    _ => return,
+                }
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -115,6 +115,9 @@ struct Common {
     /// Memory limit in MiB of a sandbox that asks for none.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
     sandbox_memory_mib: u64,
+    /// Seconds between two listings of a connected host's sandbox containers.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    sandbox_resync: u64,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -185,6 +188,7 @@ impl Common {
                 .filter(|image| !image.is_empty())
                 .map(str::to_owned),
             sandbox_memory_bytes: self.sandbox_memory_mib << 20,
+            sandbox_resync: Duration::from_secs(self.sandbox_resync),
             mesh: self.mesh.settings()?,
             ..Settings::default()
         })

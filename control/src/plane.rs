@@ -31,6 +31,10 @@ pub struct Settings {
     /// Memory limit of a sandbox that asks for none (placement checks it
     /// against the host's available memory).
     pub sandbox_memory_bytes: u64,
+    /// How often a connected host's containers are listed again, so that a
+    /// container that stopped or vanished behind the control plane's back
+    /// shows in its record.
+    pub sandbox_resync: Duration,
     /// Where laptops register and where pre-auth keys come from.
     pub mesh: crate::mesh::MeshSettings,
 }
@@ -44,6 +48,7 @@ impl Default for Settings {
             default_token_ttl: Duration::from_secs(24 * 3600),
             default_image: None,
             sandbox_memory_bytes: DEFAULT_SANDBOX_MEMORY,
+            sandbox_resync: Duration::from_secs(30),
             mesh: crate::mesh::MeshSettings::default(),
         }
     }

@@ -302,8 +302,11 @@ pub enum Rediscovery {
         matched_by: MatchedBy,
         /// The host that managed the sandbox before, when it was another.
         transferred_from: Option<String>,
-        /// Host, container id, name or status changed.
+        /// Host, container id or name changed.
         changed: bool,
+        /// The status before (differs from the record's when the container
+        /// changed state behind the control plane's back).
+        previous_status: SandboxStatus,
     },
     Ignored {
         /// The sandbox id of the label or of the archived record (empty when
@@ -350,13 +353,13 @@ pub fn rediscover(
     apply_runtime(&mut sandbox, runtime);
     let changed = sandbox.host_id != found.host_id
         || sandbox.container_id != found.container_id
-        || sandbox.container_name != found.container_name
-        || sandbox.status != found.status;
+        || sandbox.container_name != found.container_name;
     Ok(Rediscovery::Rebind {
         sandbox: Box::new(sandbox),
         matched_by,
         transferred_from,
         changed,
+        previous_status: found.status,
     })
 }
 
@@ -933,7 +936,7 @@ impl ControlPlane {
             Err(err) => {
                 // An agent without a runtime (or an older one): nothing to
                 // reconcile, and nothing is marked gone on its account.
-                tracing::info!(host = %host_id, error = %err, "sandboxes not reconciled");
+                tracing::debug!(host = %host_id, error = %err, "sandboxes not reconciled");
                 return;
             }
         };
@@ -968,7 +971,15 @@ impl ControlPlane {
                 matched_by,
                 transferred_from,
                 changed,
+                previous_status,
             } => {
+                let unchanged = !changed
+                    && previous_status == sandbox.status
+                    && transferred_from.is_none()
+                    && self.store.sandbox(&sandbox.id)?.as_ref() == Some(&*sandbox);
+                if unchanged {
+                    return Ok(());
+                }
                 self.save_sandbox(&mut sandbox)?;
                 if let Some(previous) = &transferred_from {
                     self.record_sandbox_event(
@@ -995,6 +1006,32 @@ impl ControlPlane {
                             ("container", &sandbox.container_id),
                             ("container_name", &sandbox.container_name),
                             ("matched_by", matched_by.as_str()),
+                        ],
+                    );
+                } else if previous_status != sandbox.status {
+                    let message = if sandbox.status_message.is_empty() {
+                        format!(
+                            "{} -> {}",
+                            previous_status.as_str(),
+                            sandbox.status.as_str()
+                        )
+                    } else {
+                        format!(
+                            "{} -> {} ({})",
+                            previous_status.as_str(),
+                            sandbox.status.as_str(),
+                            sandbox.status_message
+                        )
+                    };
+                    self.record_sandbox_event(
+                        &sandbox,
+                        "sandbox.status.changed",
+                        EventLevel::Warn,
+                        message,
+                        &[
+                            ("container", &sandbox.container_id),
+                            ("from", previous_status.as_str()),
+                            ("to", sandbox.status.as_str()),
                         ],
                     );
                 }
@@ -1183,6 +1220,7 @@ mod tests {
                 matched_by,
                 transferred_from,
                 changed,
+                ..
             } => {
                 assert_eq!(sandbox.id, "sbx_a");
                 assert_eq!(matched_by, MatchedBy::SandboxId);
@@ -1222,6 +1260,7 @@ mod tests {
                 matched_by,
                 transferred_from,
                 changed,
+                ..
             } => {
                 assert_eq!(sandbox.id, "sbx_a");
                 assert_eq!(matched_by, MatchedBy::RuntimeMetadata);
@@ -1277,10 +1316,31 @@ mod tests {
             Rediscovery::Rebind {
                 changed,
                 transferred_from,
+                previous_status,
+                sandbox,
                 ..
             } => {
                 assert!(!changed);
                 assert!(transferred_from.is_none());
+                assert_eq!(previous_status, sandbox.status);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The container stopped on its own: same binding, new status.
+        let mut exited = runtime("sbx_a", "c-sbx_a", "gstacks-sbx_a");
+        exited.running = false;
+        exited.state = "exited".into();
+        match records.decide("hst_a", &exited) {
+            Rediscovery::Rebind {
+                changed,
+                previous_status,
+                sandbox,
+                ..
+            } => {
+                assert!(!changed);
+                assert_eq!(previous_status, SandboxStatus::Running);
+                assert_eq!(sandbox.status, SandboxStatus::Stopped);
+                assert!(sandbox.addresses.is_empty());
             }
             other => panic!("{other:?}"),
         }

@@ -15,6 +15,20 @@ use serde_json::Value;
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Polls `check` until it returns Some, or None once `deadline` passed.
+pub fn poll<T>(deadline: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if start.elapsed() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `check` until it returns Some, or panics naming `what`.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
