@@ -45,6 +45,15 @@ pub enum CommandKind {
     SandboxRemove,
     SandboxInspect,
     SandboxList,
+    SandboxLogs,
+    SandboxTerminalOpen,
+    SandboxFilesList,
+    SandboxFileGet,
+    SandboxStreamAck,
+    SandboxStreamCancel,
+    SandboxFilePutOpen,
+    SandboxFilePutChunk,
+    SandboxRepoClone,
 }
 
 impl CommandKind {
@@ -62,6 +71,15 @@ impl CommandKind {
             command::Kind::SandboxRemove(_) => Self::SandboxRemove,
             command::Kind::SandboxInspect(_) => Self::SandboxInspect,
             command::Kind::SandboxList(_) => Self::SandboxList,
+            command::Kind::SandboxLogs(_) => Self::SandboxLogs,
+            command::Kind::SandboxTerminalOpen(_) => Self::SandboxTerminalOpen,
+            command::Kind::SandboxFilesList(_) => Self::SandboxFilesList,
+            command::Kind::SandboxFileGet(_) => Self::SandboxFileGet,
+            command::Kind::SandboxStreamAck(_) => Self::SandboxStreamAck,
+            command::Kind::SandboxStreamCancel(_) => Self::SandboxStreamCancel,
+            command::Kind::SandboxFilePutOpen(_) => Self::SandboxFilePutOpen,
+            command::Kind::SandboxFilePutChunk(_) => Self::SandboxFilePutChunk,
+            command::Kind::SandboxRepoClone(_) => Self::SandboxRepoClone,
         }
     }
 
@@ -79,6 +97,15 @@ impl CommandKind {
             Self::SandboxRemove => "sandbox_remove",
             Self::SandboxInspect => "sandbox_inspect",
             Self::SandboxList => "sandbox_list",
+            Self::SandboxLogs => "sandbox_logs",
+            Self::SandboxTerminalOpen => "sandbox_terminal_open",
+            Self::SandboxFilesList => "sandbox_files_list",
+            Self::SandboxFileGet => "sandbox_file_get",
+            Self::SandboxStreamAck => "sandbox_stream_ack",
+            Self::SandboxStreamCancel => "sandbox_stream_cancel",
+            Self::SandboxFilePutOpen => "sandbox_file_put_open",
+            Self::SandboxFilePutChunk => "sandbox_file_put_chunk",
+            Self::SandboxRepoClone => "sandbox_repo_clone",
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`sandbox`]: sandboxes on the container engine (the `Runtime` trait,
 //!   its bollard implementation, labels, volumes, rediscovery inventory).
 //! - [`network`]: mesh membership, agent DNS, alias listeners, policy.
+//! - [`sandbox_io`]: sandbox logs, terminal, files, repository bootstrap.
 //! - [`tls`]: a pinned-fingerprint TLS connector for the control plane.
 //! - [`run`]: `gstacks-agent run`, tying the above together.
 
@@ -24,6 +25,7 @@ pub mod lock;
 pub mod network;
 pub mod run;
 pub mod sandbox;
+pub mod sandbox_io;
 pub mod state;
 pub mod telemetry;
 pub mod terminal;

@@ -20,7 +20,7 @@ use crate::dispatch::{CommandKind, Concurrency, DispatcherBuilder, PingModule};
 use crate::error::AgentError;
 use crate::lock::ServiceLock;
 use crate::state;
-use crate::{network, sandbox, telemetry, terminal};
+use crate::{network, sandbox, sandbox_io, telemetry, terminal};
 
 /// Exit status after revocation.
 pub const EXIT_REVOKED: u8 = 78;
@@ -75,15 +75,26 @@ impl TelemetrySource for HostTelemetry {
 
 /// The modules of this agent and the command kinds they own.
 pub fn modules(config: &AgentConfig) -> DispatcherBuilder {
+    let terminals = terminal::HostTerminal::new(config.disable_host_terminal);
+    // Sandbox terminals share the host terminal's session table, so input,
+    // resize and close reach both the same way.
+    let (io, io_streams, io_uploads) = sandbox_io::modules(terminals.clone());
     DispatcherBuilder::new()
         .register(
             Arc::new(PingModule),
             &[CommandKind::Ping],
             Concurrency::Sequential,
         )
+        .register(terminals.clone(), terminal::KINDS, Concurrency::Sequential)
+        .register(io, sandbox_io::KINDS, Concurrency::Parallel(16))
         .register(
-            terminal::HostTerminal::new(config.disable_host_terminal),
-            terminal::KINDS,
+            io_streams,
+            sandbox_io::STREAM_KINDS,
+            Concurrency::Sequential,
+        )
+        .register(
+            io_uploads,
+            sandbox_io::UPLOAD_KINDS,
             Concurrency::Sequential,
         )
 }

@@ -53,6 +53,16 @@ struct SessionControl {
     lost: CancellationToken,
 }
 
+/// The ends of a terminal session registered with
+/// [`HostTerminal::register_session`]: keystrokes, window sizes, and the
+/// two ways it is ended (closed by the control plane, or the stream lost).
+pub struct SessionEnds {
+    pub input: mpsc::Receiver<Vec<u8>>,
+    pub resize: watch::Receiver<pty_process::Size>,
+    pub close: CancellationToken,
+    pub lost: CancellationToken,
+}
+
 /// The host terminal module.
 pub struct HostTerminal {
     disabled: bool,
@@ -183,6 +193,53 @@ impl HostTerminal {
         }))
     }
 
+    /// Registers a terminal served elsewhere (a sandbox's docker exec) under
+    /// `session_id`, so that `TerminalInput`, `TerminalResize` and
+    /// `TerminalClose` reach it like a host terminal's. The caller serves
+    /// the returned ends and calls [`HostTerminal::remove_session`] when done.
+    pub fn register_session(
+        &self,
+        session_id: &str,
+        size: pty_process::Size,
+    ) -> Result<SessionEnds, CommandError> {
+        if session_id.trim().is_empty() {
+            return Err(CommandError::new(
+                ErrorCode::InvalidArgument,
+                "terminal open without a session id",
+            ));
+        }
+        let mut sessions = self.sessions();
+        if sessions.contains_key(session_id) {
+            return Err(CommandError::new(
+                ErrorCode::AlreadyExists,
+                format!("terminal session `{session_id}` is already open"),
+            ));
+        }
+        let (input_tx, input) = mpsc::channel(INPUT_QUEUE);
+        let (resize_tx, resize) = watch::channel(size);
+        let close = CancellationToken::new();
+        let lost = CancellationToken::new();
+        sessions.insert(
+            session_id.to_owned(),
+            SessionControl {
+                input: input_tx,
+                resize: resize_tx,
+                close: close.clone(),
+                lost: lost.clone(),
+            },
+        );
+        Ok(SessionEnds {
+            input,
+            resize,
+            close,
+            lost,
+        })
+    }
+
+    pub fn remove_session(&self, session_id: &str) {
+        self.sessions().remove(session_id);
+    }
+
     fn control<T>(
         &self,
         session_id: &str,
@@ -210,7 +267,7 @@ fn ack() -> CommandOutcome {
     Ok(command_result::Kind::Ack(proto::Ack {}))
 }
 
-fn pty_size(rows: u32, cols: u32) -> pty_process::Size {
+pub(crate) fn pty_size(rows: u32, cols: u32) -> pty_process::Size {
     let clamp = |v: u32, default: u16| match v {
         0 => default,
         v => u16::try_from(v).unwrap_or(u16::MAX),
@@ -470,7 +527,7 @@ mod tests {
                             seen.output.extend(o.data)
                         }
                         Some(event::Payload::TerminalExit(x)) => seen.exit = Some(x),
-                        None => {}
+                        _ => {}
                     }
                 }
                 _ => {}

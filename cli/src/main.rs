@@ -6,6 +6,7 @@ mod hosts;
 mod mesh;
 mod networks;
 mod output;
+mod sandbox_io;
 mod sandboxes;
 mod terminal;
 mod tokens;
@@ -302,6 +303,52 @@ enum SandboxCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The container's output (stdout and stderr), through its host's agent.
+    Logs {
+        id: String,
+        /// Keep streaming until the container stops (or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u32>,
+    },
+    /// An interactive shell (or COMMAND) in the sandbox, with a TTY.
+    Terminal {
+        id: String,
+        /// Session limit in seconds (capped by the control plane; 0 = its limit).
+        #[arg(long, default_value_t = 0)]
+        max_duration: u32,
+        /// Run this instead of /bin/sh.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Files in the sandbox: list, download, upload (streamed).
+    #[command(subcommand)]
+    Files(SandboxFilesCmd),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SandboxFilesCmd {
+    /// A directory's entries, or one file's.
+    Ls {
+        id: String,
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download PATH to LOCAL (default: its name in the current directory; `-` = stdout).
+    Get {
+        id: String,
+        path: String,
+        local: Option<PathBuf>,
+    },
+    /// Upload LOCAL (`-` = stdin) to PATH in the sandbox.
+    Put {
+        id: String,
+        path: String,
+        local: PathBuf,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -457,7 +504,14 @@ async fn run(args: Args) -> anyhow::Result<i32> {
                 max_duration,
                 command,
             } => {
-                return terminal::run(&mut api, host_id, reason, command, max_duration).await;
+                return terminal::run(
+                    &mut api,
+                    terminal::Target::Host(host_id),
+                    reason,
+                    command,
+                    max_duration,
+                )
+                .await;
             }
         },
         Cmd::Token(cmd) => match cmd {
@@ -610,6 +664,32 @@ async fn sandbox(api: &mut client::Api, cmd: SandboxCmd) -> anyhow::Result<i32> 
         }
         SandboxCmd::Deprovision { id, json } => {
             sandboxes::act(api, Action::Deprovision, id, json).await
+        }
+        SandboxCmd::Logs { id, follow, tail } => {
+            sandbox_io::logs(api, id, follow, tail.unwrap_or(0)).await
+        }
+        SandboxCmd::Terminal {
+            id,
+            max_duration,
+            command,
+        } => {
+            terminal::run(
+                api,
+                terminal::Target::Sandbox(id),
+                String::new(),
+                command,
+                max_duration,
+            )
+            .await
+        }
+        SandboxCmd::Files(SandboxFilesCmd::Ls { id, path, json }) => {
+            sandbox_io::list(api, id, path, json).await
+        }
+        SandboxCmd::Files(SandboxFilesCmd::Get { id, path, local }) => {
+            sandbox_io::get(api, id, path, local).await
+        }
+        SandboxCmd::Files(SandboxFilesCmd::Put { id, path, local }) => {
+            sandbox_io::put(api, id, path, local).await
         }
     }
 }

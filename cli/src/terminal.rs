@@ -62,10 +62,32 @@ fn message(body: ClientBody) -> TerminalClientMessage {
     TerminalClientMessage { body: Some(body) }
 }
 
+/// Where a terminal runs: a host (break-glass PTY) or a sandbox (docker exec).
+#[derive(Debug, Clone)]
+pub enum Target {
+    Host(String),
+    Sandbox(String),
+}
+
+impl Target {
+    fn label(&self) -> &'static str {
+        match self {
+            Target::Host(_) => "host terminal",
+            Target::Sandbox(_) => "sandbox terminal",
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Target::Host(id) | Target::Sandbox(id) => id,
+        }
+    }
+}
+
 /// Runs the session; returns the exit code to leave with.
 pub async fn run(
     api: &mut Api,
-    host_id: String,
+    target: Target,
     reason: String,
     command: Vec<String>,
     max_duration_secs: u32,
@@ -73,12 +95,18 @@ pub async fn run(
     let interactive = std::io::stdin().is_terminal();
     let (tx, rx) = mpsc::channel::<TerminalClientMessage>(64);
     let size = window_size().unwrap_or(TerminalSize { cols: 80, rows: 24 });
+    let (host_id, sandbox_id) = match &target {
+        Target::Host(id) => (id.clone(), String::new()),
+        Target::Sandbox(id) => (String::new(), id.clone()),
+    };
+    let label = target.label();
     tx.send(message(ClientBody::Open(TerminalOpenRequest {
-        host_id: host_id.clone(),
+        host_id,
         reason,
         size: Some(size),
         command,
         max_duration_secs,
+        sandbox_id,
     })))
     .await
     .context("queueing the open message")?;
@@ -95,15 +123,16 @@ pub async fn run(
         }) => {
             if interactive {
                 eprintln!(
-                    "host terminal {} on {host_id} (recorded; exit the shell to end)\r",
-                    opened.session_id
+                    "{label} {} on {} (recorded; exit the shell to end)\r",
+                    opened.session_id,
+                    target.id()
                 );
             }
         }
         Some(proto::TerminalServerMessage {
             body: Some(ServerBody::Error(err)),
-        }) => anyhow::bail!("host terminal refused: {}", err.message),
-        other => anyhow::bail!("host terminal: unexpected first answer {other:?}"),
+        }) => anyhow::bail!("{label} refused: {}", err.message),
+        other => anyhow::bail!("{label}: unexpected first answer {other:?}"),
     }
 
     let raw = if interactive {
@@ -188,9 +217,7 @@ pub async fn run(
                 );
                 return Ok(CLOSED_BY_CONTROL_PLANE);
             }
-            Some(ServerBody::Error(err)) => {
-                break Err(anyhow::anyhow!("host terminal: {}", err.message))
-            }
+            Some(ServerBody::Error(err)) => break Err(anyhow::anyhow!("{label}: {}", err.message)),
             // A second `opened`, or a kind this CLI does not know yet.
             Some(ServerBody::Opened(_)) | None => {}
         }

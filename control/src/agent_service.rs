@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::clock::now_ms;
 use crate::plane::{control_event, ControlPlane};
-use crate::sessions::{CloseReason, HostSession, TerminalFeed};
+use crate::sessions::{CloseReason, HostSession, StreamFeed, TerminalFeed};
 use proto::agent_message::Body;
 use proto::agent_service_server::AgentService;
 use proto::{event, AgentMessage, ControlMessage, EnrollRequest, EnrollResponse, EventLevel};
@@ -254,6 +254,17 @@ async fn handle_message(
             Some(event::Payload::TerminalExit(exit)) => {
                 let id = exit.session_id.clone();
                 session.feed_terminal(&id, TerminalFeed::Exit(exit)).await;
+            }
+            Some(event::Payload::SandboxStreamChunk(chunk)) => {
+                let id = chunk.stream_id.clone();
+                session.feed_stream(&id, StreamFeed::Chunk(chunk)).await;
+            }
+            Some(event::Payload::SandboxStreamEnd(end)) => {
+                let id = end.stream_id.clone();
+                session.feed_stream(&id, StreamFeed::End(end)).await;
+            }
+            Some(event::Payload::SandboxRepoStatus(status)) => {
+                plane.sandbox_repo_reported(&session.host_id, status).await;
             }
             None => {
                 let mut event = event;

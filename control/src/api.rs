@@ -416,6 +416,7 @@ impl ControlApi for OperatorApi {
         let who = self.plane.authorize_operator(request.metadata())?;
         let request = crate::sandboxes::CreateSandbox::from_proto(request.into_inner());
         let sandbox = self.plane.create_sandbox(request, &who).await?;
+        crate::sandbox_io::start_repo_bootstrap(&self.plane, &sandbox);
         Ok(Response::new(sandbox_view(sandbox)))
     }
 
@@ -521,6 +522,7 @@ impl ControlApi for OperatorApi {
             .plane
             .reprovision_sandbox(&request.into_inner().id, &who)
             .await?;
+        crate::sandbox_io::start_repo_bootstrap(&self.plane, &sandbox);
         Ok(Response::new(sandbox_view(sandbox)))
     }
 
@@ -558,5 +560,45 @@ impl ControlApi for OperatorApi {
             .plane
             .revoke_mesh_node(&request.into_inner().node_id, &who)?;
         Ok(Response::new(revoked))
+    }
+
+    type SandboxLogsStream = Boxed<SandboxLogsChunk>;
+
+    async fn sandbox_logs(
+        &self,
+        request: Request<SandboxLogsRequest>,
+    ) -> Result<Response<Self::SandboxLogsStream>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let rx = crate::sandbox_io::logs(&self.plane, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn sandbox_files_list(
+        &self,
+        request: Request<SandboxFilesListRequest>,
+    ) -> Result<Response<SandboxFilesListResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let listing = crate::sandbox_io::list(&self.plane, request.into_inner()).await?;
+        Ok(Response::new(listing))
+    }
+
+    type SandboxFileGetStream = Boxed<SandboxFileData>;
+
+    async fn sandbox_file_get(
+        &self,
+        request: Request<SandboxFileGetRequest>,
+    ) -> Result<Response<Self::SandboxFileGetStream>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let rx = crate::sandbox_io::get(&self.plane, request.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn sandbox_file_put(
+        &self,
+        request: Request<Streaming<SandboxFilePutMessage>>,
+    ) -> Result<Response<SandboxFilePutResponse>, Status> {
+        self.plane.authorize_operator(request.metadata())?;
+        let done = crate::sandbox_io::put(&self.plane, request.into_inner()).await?;
+        Ok(Response::new(done))
     }
 }

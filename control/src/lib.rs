@@ -26,6 +26,7 @@ pub mod netmaps;
 pub mod networks;
 pub mod placement;
 pub mod plane;
+pub mod sandbox_io;
 pub mod sandboxes;
 pub mod secret;
 pub mod server;

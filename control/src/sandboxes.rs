@@ -418,7 +418,7 @@ impl ControlPlane {
         }
     }
 
-    fn save_sandbox(&self, sandbox: &mut Sandbox) -> Result<()> {
+    pub(crate) fn save_sandbox(&self, sandbox: &mut Sandbox) -> Result<()> {
         sandbox.updated_at_ms = now_ms().max(sandbox.updated_at_ms);
         if !self.store.update_sandbox(sandbox)? {
             return Err(ControlError::SandboxNotFound(sandbox.id.clone()));
@@ -434,7 +434,7 @@ impl ControlPlane {
     }
 
     /// The open stream of the sandbox's host, or why there is none.
-    fn sandbox_host(&self, sandbox: &Sandbox, action: &str) -> Result<Arc<HostSession>> {
+    pub(crate) fn sandbox_host(&self, sandbox: &Sandbox, action: &str) -> Result<Arc<HostSession>> {
         let host = self
             .store
             .host(&sandbox.host_id)?
@@ -454,7 +454,7 @@ impl ControlPlane {
         }
     }
 
-    fn refuse_archived(sandbox: &Sandbox, action: &str) -> Result<()> {
+    pub(crate) fn refuse_archived(sandbox: &Sandbox, action: &str) -> Result<()> {
         if sandbox.status == SandboxStatus::Archived {
             return Err(ControlError::SandboxArchived {
                 id: sandbox.id.clone(),

@@ -63,6 +63,15 @@ pub enum TerminalFeed {
     Closed(String),
 }
 
+/// What a sandbox stream (logs, a download) hears from its host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamFeed {
+    Chunk(proto::SandboxStreamChunk),
+    End(proto::SandboxStreamEnd),
+    /// The host's stream ended (revoked, disconnected, replaced).
+    Closed(String),
+}
+
 /// One open control stream of a host.
 pub struct HostSession {
     pub host_id: String,
@@ -70,6 +79,7 @@ pub struct HostSession {
     outbound: Outbound,
     pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
     terminals: Mutex<HashMap<String, mpsc::Sender<TerminalFeed>>>,
+    streams: Mutex<HashMap<String, mpsc::Sender<StreamFeed>>>,
     next_request: AtomicU64,
     close: watch::Sender<Option<CloseReason>>,
     last_seen_ms: AtomicI64,
@@ -177,6 +187,42 @@ impl HostSession {
                 })
             }
         };
+        self.reply_outcome(request_id, reply)
+    }
+
+    /// Sends a command now and returns the wait for its reply, so that a
+    /// caller can keep several commands in flight while their order on the
+    /// stream is the order of these calls (upload chunks).
+    pub async fn send_request(
+        self: &Arc<Self>,
+        kind: command::Kind,
+        deadline: Duration,
+    ) -> Result<impl std::future::Future<Output = Result<CommandResult>> + Send + 'static> {
+        let request_id = self.next_request_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(request_id.clone(), tx);
+        let message = Self::command(request_id.clone(), deadline, kind);
+        if self.outbound.send(Ok(message)).await.is_err() {
+            lock(&self.pending).remove(&request_id);
+            return Err(ControlError::SessionClosed(self.host_id.clone()));
+        }
+        let session = self.clone();
+        Ok(async move {
+            let outcome = tokio::time::timeout(deadline, rx).await;
+            lock(&session.pending).remove(&request_id);
+            match outcome {
+                Ok(Ok(reply)) => session.reply_outcome(request_id, reply),
+                Ok(Err(_)) => Err(ControlError::SessionClosed(session.host_id.clone())),
+                Err(_) => Err(ControlError::CommandTimeout {
+                    host: session.host_id.clone(),
+                    request_id,
+                    deadline_ms: deadline.as_millis() as u64,
+                }),
+            }
+        })
+    }
+
+    fn reply_outcome(&self, request_id: String, reply: Reply) -> Result<CommandResult> {
         match reply.outcome {
             Some(reply::Outcome::Result(result)) => Ok(result),
             Some(reply::Outcome::Error(err)) => Err(ControlError::Agent {
@@ -237,9 +283,39 @@ impl HostSession {
         }
     }
 
-    /// The stream ended: waiters fail, terminals hear why.
+    /// Registers a sandbox stream (logs, download) to receive its chunks.
+    pub fn attach_stream(&self, stream_id: &str, feed: mpsc::Sender<StreamFeed>) {
+        lock(&self.streams).insert(stream_id.to_owned(), feed);
+    }
+
+    pub fn detach_stream(&self, stream_id: &str) {
+        lock(&self.streams).remove(stream_id);
+    }
+
+    /// Routes a stream's chunk or end to its reader. The reader's queue is
+    /// larger than the agent's window, so this never waits long: the
+    /// window, not this queue, bounds what is in flight.
+    pub async fn feed_stream(&self, stream_id: &str, feed: StreamFeed) {
+        let target = lock(&self.streams).get(stream_id).cloned();
+        match target {
+            Some(tx) => {
+                if tx.send(feed).await.is_err() {
+                    self.detach_stream(stream_id);
+                }
+            }
+            None => {
+                tracing::debug!(host = %self.host_id, stream_id, "chunk of an unknown sandbox stream")
+            }
+        }
+    }
+
+    /// The stream ended: waiters fail, terminals and sandbox streams hear why.
     fn finish(&self, reason: &str) {
         lock(&self.pending).clear();
+        let streams: Vec<_> = lock(&self.streams).drain().map(|(_, tx)| tx).collect();
+        for tx in streams {
+            let _ = tx.try_send(StreamFeed::Closed(reason.to_owned()));
+        }
         let terminals: Vec<_> = lock(&self.terminals).drain().map(|(_, tx)| tx).collect();
         for tx in terminals {
             // A full feed means the client is gone or stuck; it will notice
@@ -286,6 +362,7 @@ impl Sessions {
             outbound,
             pending: Mutex::new(HashMap::new()),
             terminals: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(0),
             close,
             last_seen_ms: AtomicI64::new(now_ms),

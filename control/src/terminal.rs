@@ -39,6 +39,29 @@ pub struct OpenTerminal {
     feed: mpsc::Receiver<TerminalFeed>,
     expires_in: Duration,
     who: String,
+    /// "host terminal", or "sandbox terminal of sbx_..." (in recorded events).
+    label: String,
+}
+
+impl OpenTerminal {
+    /// A session opened elsewhere (a sandbox's terminal), relayed the same way.
+    pub fn new(
+        session_id: String,
+        host: Arc<HostSession>,
+        feed: mpsc::Receiver<TerminalFeed>,
+        expires_in: Duration,
+        who: String,
+        label: String,
+    ) -> OpenTerminal {
+        OpenTerminal {
+            session_id,
+            host,
+            feed,
+            expires_in,
+            who,
+            label,
+        }
+    }
 }
 
 /// Reads the `open` message, checks it, and opens the PTY on the host.
@@ -55,6 +78,9 @@ pub async fn open(
             "the first message of a host terminal must be `open`",
         ));
     };
+    if !open.sandbox_id.trim().is_empty() {
+        return crate::sandbox_io::open_terminal(plane, who, open).await;
+    }
     let reason = open.reason.trim().to_owned();
     if reason.is_empty() {
         return Err(Status::invalid_argument(
@@ -135,6 +161,7 @@ pub async fn open(
         feed,
         expires_in,
         who,
+        label: "host terminal".to_owned(),
     })
 }
 
@@ -152,6 +179,7 @@ pub async fn relay(
         mut feed,
         expires_in,
         who,
+        label,
     } = terminal;
     let _ = out
         .send(server(ServerBody::Opened(proto::TerminalOpened {
@@ -236,7 +264,7 @@ pub async fn relay(
     let mut event = control_event(
         "terminal.closed",
         EventLevel::Info,
-        format!("host terminal of {who} closed: {outcome}"),
+        format!("{label} of {who} closed: {outcome}"),
     );
     event.request_id = session_id.clone();
     event.fields = HashMap::from([

@@ -503,7 +503,7 @@ async fn typed_commands_and_the_host_terminal_over_the_stream() {
                         output.extend(o.data);
                     }
                     Some(event::Payload::TerminalExit(x)) => break x,
-                    None => {}
+                    _ => {}
                 }
             }
             _ => {}

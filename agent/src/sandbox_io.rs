@@ -1,0 +1,1492 @@
+//! Sandbox logs, terminal, files and repository bootstrap, proxied over the
+//! control stream through the engine's API (bollard): `docker logs`,
+//! `docker exec` (a TTY for terminals; `stat`, `find`, `cat`, `dd` and
+//! `git` in the container for files and clones). Nothing runs through a
+//! shell on the host or the control plane.
+//!
+//! Streams out of the sandbox (logs, file downloads) are numbered chunks of
+//! at most [`CHUNK`] bytes; at most `window` of them are unacknowledged at
+//! any time ([`StreamWindow`]), so a slow reader holds the container's
+//! output in the engine's pipe, not in the agent's memory. Uploads come as
+//! numbered chunks through a bounded queue to the writer (`dd`), whose
+//! replies pace the control plane.
+//!
+//! Three modules share one state: [`SandboxIo`] (opens, listings, clones:
+//! parallel), [`SandboxStreamControl`] (acks and cancels: sequential and
+//! never blocking) and [`SandboxUploads`] (upload chunks: sequential, so
+//! they are written in order).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
+use bollard::Docker;
+use futures::{Stream, StreamExt};
+use proto::{
+    command, command_result, event, Command, ErrorCode, EventLevel, SandboxFileEntry,
+    SandboxFileInfo, SandboxFileListing, SandboxRepoStatus, SandboxStreamChunk, SandboxStreamEnd,
+    TerminalExit, TerminalOpened, TerminalOutput,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{
+    event as make_event, CommandError, CommandKind, CommandOutcome, HandlerFuture, Link, Module,
+};
+use crate::terminal::{pty_size, HostTerminal, SessionEnds, DEFAULT_MAX_DURATION};
+
+/// Largest chunk of a stream (logs, downloads, and what uploads should send).
+pub const CHUNK: usize = 64 * 1024;
+/// Chunks in flight when the request names no window.
+pub const DEFAULT_WINDOW: u32 = 16;
+/// Largest window a request may ask for (16 MiB in flight).
+pub const MAX_WINDOW: u32 = 256;
+/// Upload chunks queued between the stream and the writer.
+const UPLOAD_QUEUE: usize = 8;
+/// Bytes of an exec's stderr kept for an error message.
+const ERROR_TAIL: usize = 2048;
+/// Bytes of a listing's output accepted.
+const MAX_LISTING: usize = 4 * 1024 * 1024;
+
+/// Kinds owned by [`SandboxIo`].
+pub const KINDS: &[CommandKind] = &[
+    CommandKind::SandboxLogs,
+    CommandKind::SandboxTerminalOpen,
+    CommandKind::SandboxFilesList,
+    CommandKind::SandboxFileGet,
+    CommandKind::SandboxFilePutOpen,
+    CommandKind::SandboxRepoClone,
+];
+/// Kinds owned by [`SandboxStreamControl`].
+pub const STREAM_KINDS: &[CommandKind] = &[
+    CommandKind::SandboxStreamAck,
+    CommandKind::SandboxStreamCancel,
+];
+/// Kinds owned by [`SandboxUploads`].
+pub const UPLOAD_KINDS: &[CommandKind] = &[CommandKind::SandboxFilePutChunk];
+
+/// Flow control of one outgoing stream: chunks are numbered from 1, and the
+/// sender may run at most `window` chunks ahead of the last acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamWindow {
+    window: u64,
+    sent: u64,
+    acked: u64,
+}
+
+impl StreamWindow {
+    /// `window` 0 means [`DEFAULT_WINDOW`]; larger than [`MAX_WINDOW`] is capped.
+    pub fn new(window: u32) -> StreamWindow {
+        let window = match window {
+            0 => DEFAULT_WINDOW,
+            w => w.min(MAX_WINDOW),
+        };
+        StreamWindow {
+            window: u64::from(window),
+            sent: 0,
+            acked: 0,
+        }
+    }
+
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// Whether another chunk may go out now.
+    pub fn may_send(&self) -> bool {
+        self.sent - self.acked < self.window
+    }
+
+    /// Takes the number of the next chunk. Call only when [`may_send`](Self::may_send).
+    pub fn next_seq(&mut self) -> u64 {
+        debug_assert!(self.may_send());
+        self.sent += 1;
+        self.sent
+    }
+
+    /// Records an acknowledgement; stale or future numbers change nothing
+    /// beyond what was sent.
+    pub fn ack(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq.min(self.sent));
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.sent - self.acked
+    }
+}
+
+/// Splits `data` into pieces of at most `max` bytes (at least one piece,
+/// empty data gives none).
+pub fn split_chunks(data: &[u8], max: usize) -> impl Iterator<Item = &[u8]> {
+    data.chunks(max.max(1))
+}
+
+/// The last `limit` bytes written, for error messages.
+#[derive(Debug, Default)]
+pub struct Tail {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Tail {
+    pub fn new(limit: usize) -> Tail {
+        Tail {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.bytes.extend_from_slice(data);
+        if self.bytes.len() > self.limit {
+            let cut = self.bytes.len() - self.limit;
+            self.bytes.drain(..cut);
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).trim().to_owned()
+    }
+}
+
+/// Why a file operation failed, from the message of the tool in the
+/// container ("No such file or directory", "Is a directory", ...).
+pub fn classify_file_error(path: &str, message: &str) -> CommandError {
+    let lower = message.to_ascii_lowercase();
+    let (code, what) = if lower.contains("no such file") || lower.contains("not found") {
+        (ErrorCode::NotFound, "does not exist")
+    } else if lower.contains("is a directory") {
+        (ErrorCode::FailedPrecondition, "is a directory")
+    } else if lower.contains("not a directory") {
+        (
+            ErrorCode::FailedPrecondition,
+            "has a parent that is not a directory",
+        )
+    } else if lower.contains("permission denied")
+        || lower.contains("read-only file system")
+        || lower.contains("operation not permitted")
+    {
+        (ErrorCode::PermissionDenied, "is not accessible")
+    } else {
+        (ErrorCode::Internal, "failed")
+    };
+    CommandError::new(code, format!("`{path}` {what}: {}", message.trim()))
+}
+
+/// Parses one line of `stat -c '%F|%s|%a|%Y|%n'`.
+pub fn parse_stat_line(line: &str) -> Option<SandboxFileEntry> {
+    let mut parts = line.splitn(5, '|');
+    let kind = parts.next()?;
+    let size = parts.next()?.parse().ok()?;
+    let mode = u32::from_str_radix(parts.next()?, 8).ok()?;
+    let modified: i64 = parts.next()?.parse().ok()?;
+    let name = parts.next()?.to_owned();
+    let kind = match kind {
+        "regular file" | "regular empty file" => "file",
+        "directory" => "directory",
+        "symbolic link" => "symlink",
+        _ => "other",
+    };
+    Some(SandboxFileEntry {
+        name,
+        kind: kind.to_owned(),
+        size,
+        mode,
+        modified_at_ms: modified.saturating_mul(1000),
+    })
+}
+
+const STAT_FORMAT: &str = "%F|%s|%a|%Y|%n";
+
+struct StreamControl {
+    acked: watch::Sender<u64>,
+    cancel: CancellationToken,
+}
+
+struct Upload {
+    next_seq: u64,
+    data: mpsc::Sender<Vec<u8>>,
+    done: oneshot::Receiver<Result<u64, CommandError>>,
+    path: String,
+}
+
+/// State shared by the three modules.
+pub struct SandboxIoState {
+    /// Made on first use, its API version negotiated down to the engine's.
+    docker: tokio::sync::Mutex<Option<Docker>>,
+    terminals: Arc<HostTerminal>,
+    streams: Mutex<HashMap<String, StreamControl>>,
+    uploads: Mutex<HashMap<String, Upload>>,
+    /// Cancelled (and replaced) when the control stream drops.
+    lost: Mutex<CancellationToken>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unavailable(message: impl Into<String>) -> CommandError {
+    CommandError::new(ErrorCode::Unavailable, message)
+}
+
+fn engine_error(what: &str, err: bollard::errors::Error) -> CommandError {
+    match &err {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => CommandError::new(ErrorCode::NotFound, format!("{what}: {message}")),
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } => CommandError::new(ErrorCode::FailedPrecondition, format!("{what}: {message}")),
+        _ => CommandError::new(ErrorCode::Internal, format!("{what}: {err}")),
+    }
+}
+
+/// What an exec printed and how it ended.
+struct Captured {
+    exit_code: i64,
+    stdout: Vec<u8>,
+    stderr: Tail,
+}
+
+impl SandboxIoState {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket);
+    /// without one every command answers why.
+    pub fn new(terminals: Arc<HostTerminal>) -> Arc<SandboxIoState> {
+        Arc::new(SandboxIoState {
+            docker: tokio::sync::Mutex::new(None),
+            terminals,
+            streams: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
+            lost: Mutex::new(CancellationToken::new()),
+        })
+    }
+
+    async fn docker(&self) -> Result<Docker, CommandError> {
+        let mut client = self.docker.lock().await;
+        if let Some(docker) = client.as_ref() {
+            return Ok(docker.clone());
+        }
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| unavailable(format!("no container engine on this host: {e}")))?
+            .negotiate_version()
+            .await
+            .map_err(|e| unavailable(format!("the container engine does not answer: {e}")))?;
+        *client = Some(docker.clone());
+        Ok(docker)
+    }
+
+    fn lost_token(&self) -> CancellationToken {
+        locked(&self.lost).clone()
+    }
+
+    /// Starts `cmd` in the container, attached.
+    async fn exec(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        stdin: bool,
+        tty: bool,
+    ) -> Result<(String, StartExecResults), CommandError> {
+        let docker = self.docker().await?;
+        let program = cmd.first().cloned().unwrap_or_default();
+        let created = docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    attach_stdin: Some(stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(tty),
+                    env: tty.then(|| vec!["TERM=xterm-256color".to_owned()]),
+                    cmd: Some(cmd),
+                    ..CreateExecOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| engine_error(&format!("container `{container}`"), e))?;
+        let started = docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty,
+                    output_capacity: Some(CHUNK),
+                }),
+            )
+            .await
+            .map_err(|e| engine_error(&format!("`{program}` in `{container}`"), e))?;
+        Ok((created.id, started))
+    }
+
+    async fn exit_code(&self, exec_id: &str) -> i64 {
+        let Ok(docker) = self.docker().await else {
+            return -1;
+        };
+        // The exit code is set once the process is reaped, just after its
+        // output ends: poll briefly.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match docker.inspect_exec(exec_id).await {
+                Ok(inspect) if inspect.running != Some(true) => {
+                    return inspect.exit_code.unwrap_or(-1)
+                }
+                Ok(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => return -1,
+            }
+        }
+    }
+
+    /// Runs `cmd` to its end, keeping at most `limit` bytes of stdout.
+    async fn capture(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        limit: usize,
+    ) -> Result<Captured, CommandError> {
+        let (exec_id, started) = self.exec(container, cmd, false, false).await?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            return Err(CommandError::new(
+                ErrorCode::Internal,
+                "the engine started the exec detached",
+            ));
+        };
+        let mut stdout = Vec::new();
+        let mut stderr = Tail::new(ERROR_TAIL);
+        while let Some(item) = output.next().await {
+            match item {
+                Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                    if stdout.len() + message.len() > limit {
+                        return Err(CommandError::new(
+                            ErrorCode::FailedPrecondition,
+                            format!("the output is longer than {limit} bytes"),
+                        ));
+                    }
+                    stdout.extend_from_slice(&message);
+                }
+                Ok(LogOutput::StdErr { message }) => stderr.push(&message),
+                Ok(LogOutput::StdIn { .. }) => {}
+                Err(e) => return Err(engine_error("exec output", e)),
+            }
+        }
+        let exit_code = self.exit_code(&exec_id).await;
+        Ok(Captured {
+            exit_code,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// `stat` of one path.
+    async fn stat(&self, container: &str, path: &str) -> Result<SandboxFileEntry, CommandError> {
+        let out = self
+            .capture(
+                container,
+                vec![
+                    "stat".into(),
+                    "-c".into(),
+                    STAT_FORMAT.into(),
+                    "--".into(),
+                    path.into(),
+                ],
+                64 * 1024,
+            )
+            .await?;
+        if out.exit_code != 0 {
+            return Err(classify_file_error(path, &exec_message(&out)));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .next()
+            .and_then(parse_stat_line)
+            .ok_or_else(|| {
+                CommandError::new(
+                    ErrorCode::Internal,
+                    format!("`stat` in the container printed `{}`", text.trim()),
+                )
+            })
+    }
+
+    async fn list(&self, container: &str, path: &str) -> CommandOutcome {
+        check_path(path)?;
+        let entry = self.stat(container, path).await?;
+        if entry.kind != "directory" {
+            return Ok(command_result::Kind::SandboxFileListing(
+                SandboxFileListing {
+                    path: path.to_owned(),
+                    entries: vec![entry],
+                },
+            ));
+        }
+        let out = self
+            .capture(
+                container,
+                vec![
+                    "find".into(),
+                    path.into(),
+                    "-mindepth".into(),
+                    "1".into(),
+                    "-maxdepth".into(),
+                    "1".into(),
+                    "-exec".into(),
+                    "stat".into(),
+                    "-c".into(),
+                    STAT_FORMAT.into(),
+                    "{}".into(),
+                    "+".into(),
+                ],
+                MAX_LISTING,
+            )
+            .await?;
+        if out.exit_code != 0 {
+            return Err(classify_file_error(path, &exec_message(&out)));
+        }
+        let mut entries: Vec<SandboxFileEntry> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(parse_stat_line)
+            .map(|mut e| {
+                if let Some((_, name)) = e.name.rsplit_once('/') {
+                    e.name = name.to_owned();
+                }
+                e
+            })
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(command_result::Kind::SandboxFileListing(
+            SandboxFileListing {
+                path: path.to_owned(),
+                entries,
+            },
+        ))
+    }
+
+    fn register_stream(&self, stream_id: &str) -> Result<StreamEnds, CommandError> {
+        if stream_id.trim().is_empty() {
+            return Err(CommandError::new(
+                ErrorCode::InvalidArgument,
+                "stream without an id",
+            ));
+        }
+        let mut streams = locked(&self.streams);
+        if streams.contains_key(stream_id) {
+            return Err(CommandError::new(
+                ErrorCode::AlreadyExists,
+                format!("stream `{stream_id}` is already open"),
+            ));
+        }
+        let (acked_tx, acked) = watch::channel(0);
+        let cancel = self.lost_token().child_token();
+        streams.insert(
+            stream_id.to_owned(),
+            StreamControl {
+                acked: acked_tx,
+                cancel: cancel.clone(),
+            },
+        );
+        Ok(StreamEnds { acked, cancel })
+    }
+
+    fn remove_stream(&self, stream_id: &str) {
+        locked(&self.streams).remove(stream_id);
+    }
+}
+
+/// Rows and columns of a terminal size.
+fn winsize(size: pty_process::Size) -> (u16, u16) {
+    let w = rustix::termios::Winsize::from(size);
+    (w.ws_row, w.ws_col)
+}
+
+fn exec_message(out: &Captured) -> String {
+    let text = out.stderr.text();
+    if text.is_empty() {
+        format!("exit code {}", out.exit_code)
+    } else {
+        text
+    }
+}
+
+fn check_path(path: &str) -> Result<(), CommandError> {
+    if !path.starts_with('/') || path.contains('\0') {
+        return Err(CommandError::new(
+            ErrorCode::InvalidArgument,
+            format!("`{path}` is not an absolute path in the sandbox"),
+        ));
+    }
+    Ok(())
+}
+
+fn container_of<'a>(sandbox_id: &'a str, container_id: &'a str) -> Result<&'a str, CommandError> {
+    if !container_id.is_empty() {
+        return Ok(container_id);
+    }
+    Err(CommandError::new(
+        ErrorCode::FailedPrecondition,
+        format!("sandbox `{sandbox_id}` has no container"),
+    ))
+}
+
+struct StreamEnds {
+    acked: watch::Receiver<u64>,
+    cancel: CancellationToken,
+}
+
+/// A piece of a stream's source: bytes (with "stdout"/"stderr" for logs),
+/// or an error that ends it.
+type Piece = Result<(String, Vec<u8>), String>;
+
+/// Sends `source` as chunks with flow control, then the end. Returns the
+/// bytes sent.
+async fn pump(
+    link: &Link,
+    request_id: &str,
+    stream_id: &str,
+    window: u32,
+    source: impl Stream<Item = Piece>,
+    mut ends: StreamEnds,
+    end_reason: &str,
+) -> (u64, Option<String>) {
+    let mut flow = StreamWindow::new(window);
+    let mut bytes = 0u64;
+    let mut failure = None;
+    let mut reason = end_reason.to_owned();
+    tokio::pin!(source);
+    'outer: loop {
+        let piece = tokio::select! {
+            piece = source.next() => piece,
+            () = ends.cancel.cancelled() => { reason = "cancelled".to_owned(); break; }
+        };
+        let (origin, data) = match piece {
+            None => break,
+            Some(Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+            Some(Ok(p)) => p,
+        };
+        for part in split_chunks(&data, CHUNK) {
+            while !flow.may_send() {
+                tokio::select! {
+                    changed = ends.acked.changed() => {
+                        if changed.is_err() { reason = "cancelled".to_owned(); break 'outer; }
+                        flow.ack(*ends.acked.borrow_and_update());
+                    }
+                    () = ends.cancel.cancelled() => { reason = "cancelled".to_owned(); break 'outer; }
+                }
+            }
+            let seq = flow.next_seq();
+            bytes += part.len() as u64;
+            let mut ev = make_event("sandbox.stream.chunk", EventLevel::Debug, "");
+            ev.request_id = request_id.to_owned();
+            ev.payload = Some(event::Payload::SandboxStreamChunk(SandboxStreamChunk {
+                stream_id: stream_id.to_owned(),
+                seq,
+                data: part.to_vec(),
+                source: origin.clone(),
+            }));
+            if link.send_event(ev).await.is_err() {
+                break 'outer;
+            }
+        }
+    }
+    let chunks = flow.sent;
+    let mut ev = make_event("sandbox.stream.end", EventLevel::Debug, "");
+    ev.request_id = request_id.to_owned();
+    ev.payload = Some(event::Payload::SandboxStreamEnd(SandboxStreamEnd {
+        stream_id: stream_id.to_owned(),
+        chunks,
+        bytes,
+        error: failure.clone().unwrap_or_default(),
+        reason,
+    }));
+    let _ = link.send_event(ev).await;
+    (bytes, failure)
+}
+
+/// Logs, terminals, listings, downloads, upload opens and clones.
+pub struct SandboxIo {
+    state: Arc<SandboxIoState>,
+}
+
+/// Stream acknowledgements and cancels.
+pub struct SandboxStreamControl {
+    state: Arc<SandboxIoState>,
+}
+
+/// Upload chunks, written in order.
+pub struct SandboxUploads {
+    state: Arc<SandboxIoState>,
+}
+
+/// The three modules over one state.
+pub fn modules(
+    terminals: Arc<HostTerminal>,
+) -> (
+    Arc<SandboxIo>,
+    Arc<SandboxStreamControl>,
+    Arc<SandboxUploads>,
+) {
+    let state = SandboxIoState::new(terminals);
+    (
+        Arc::new(SandboxIo {
+            state: state.clone(),
+        }),
+        Arc::new(SandboxStreamControl {
+            state: state.clone(),
+        }),
+        Arc::new(SandboxUploads { state }),
+    )
+}
+
+impl SandboxIo {
+    async fn logs(
+        &self,
+        request_id: String,
+        req: proto::SandboxLogs,
+        link: Link,
+    ) -> CommandOutcome {
+        let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
+        let docker = self.state.docker().await?;
+        // Fail at once on a container the engine does not know.
+        docker
+            .inspect_container(
+                &container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .map_err(|e| engine_error(&format!("sandbox `{}`", req.sandbox_id), e))?;
+        let ends = self.state.register_stream(&req.stream_id)?;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            link.reply_sent().await;
+            let options = bollard::query_parameters::LogsOptions {
+                follow: req.follow,
+                stdout: true,
+                stderr: true,
+                tail: if req.tail == 0 {
+                    "all".to_owned()
+                } else {
+                    req.tail.to_string()
+                },
+                ..Default::default()
+            };
+            let source = docker
+                .logs(&container, Some(options))
+                .map(|item| match item {
+                    Ok(LogOutput::StdErr { message }) => {
+                        Ok(("stderr".to_owned(), message.to_vec()))
+                    }
+                    Ok(other) => Ok(("stdout".to_owned(), other.into_bytes().to_vec())),
+                    Err(e) => Err(format!("docker logs: {e}")),
+                });
+            let reason = if req.follow {
+                "the container stopped"
+            } else {
+                "end of the logs"
+            };
+            pump(
+                &link,
+                &request_id,
+                &req.stream_id,
+                req.window,
+                source,
+                ends,
+                reason,
+            )
+            .await;
+            state.remove_stream(&req.stream_id);
+        });
+        Ok(command_result::Kind::Ack(proto::Ack {}))
+    }
+
+    async fn get(
+        &self,
+        request_id: String,
+        req: proto::SandboxFileGet,
+        link: Link,
+    ) -> CommandOutcome {
+        let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
+        check_path(&req.path)?;
+        let entry = self.state.stat(&container, &req.path).await?;
+        if entry.kind == "directory" {
+            return Err(CommandError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "`{}` is a directory; give the path of a file (`files ls` lists it)",
+                    req.path
+                ),
+            ));
+        }
+        let (exec_id, started) = self
+            .state
+            .exec(
+                &container,
+                vec!["cat".into(), "--".into(), req.path.clone()],
+                false,
+                false,
+            )
+            .await?;
+        let StartExecResults::Attached { output, .. } = started else {
+            return Err(CommandError::new(
+                ErrorCode::Internal,
+                "the engine started the exec detached",
+            ));
+        };
+        let ends = self.state.register_stream(&req.stream_id)?;
+        let state = self.state.clone();
+        let path = req.path.clone();
+        let info_path = req.path.clone();
+        tokio::spawn(async move {
+            link.reply_sent().await;
+            let stderr = Arc::new(Mutex::new(Tail::new(ERROR_TAIL)));
+            let errors = stderr.clone();
+            let source = output.filter_map(move |item| {
+                let piece = match item {
+                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                        Some(Ok((String::new(), message.to_vec())))
+                    }
+                    Ok(LogOutput::StdErr { message }) => {
+                        locked(&errors).push(&message);
+                        None
+                    }
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(e) => Some(Err(format!("reading `{path}`: {e}"))),
+                };
+                std::future::ready(piece)
+            });
+            // The exit status decides whether a short read was an error:
+            // it is checked before the end is sent.
+            let checked = CheckedExit {
+                state: state.clone(),
+                exec_id,
+                path: req.path.clone(),
+                stderr,
+            };
+            let source = source
+                .chain(futures::stream::once(checked.verdict()).filter_map(std::future::ready));
+            pump(
+                &link,
+                &request_id,
+                &req.stream_id,
+                req.window,
+                source,
+                ends,
+                "end of file",
+            )
+            .await;
+            state.remove_stream(&req.stream_id);
+        });
+        Ok(command_result::Kind::SandboxFileInfo(SandboxFileInfo {
+            path: info_path,
+            size: entry.size,
+            mode: entry.mode,
+        }))
+    }
+
+    async fn put_open(&self, req: proto::SandboxFilePutOpen) -> CommandOutcome {
+        let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
+        check_path(&req.path)?;
+        if req.stream_id.trim().is_empty() {
+            return Err(CommandError::new(
+                ErrorCode::InvalidArgument,
+                "upload without a stream id",
+            ));
+        }
+        if locked(&self.state.uploads).contains_key(&req.stream_id) {
+            return Err(CommandError::new(
+                ErrorCode::AlreadyExists,
+                format!("upload `{}` is already open", req.stream_id),
+            ));
+        }
+        match self.state.stat(&container, &req.path).await {
+            Ok(entry) if entry.kind == "directory" => {
+                return Err(CommandError::new(
+                    ErrorCode::FailedPrecondition,
+                    format!(
+                        "`{}` is a directory; give the path of the file to write",
+                        req.path
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let (exec_id, started) = self
+            .state
+            .exec(
+                &container,
+                vec![
+                    "dd".into(),
+                    format!("of={}", req.path),
+                    format!("bs={CHUNK}"),
+                ],
+                true,
+                false,
+            )
+            .await?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        else {
+            return Err(CommandError::new(
+                ErrorCode::Internal,
+                "the engine started the exec detached",
+            ));
+        };
+        let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(UPLOAD_QUEUE);
+        let (done_tx, done) = oneshot::channel();
+        let state = self.state.clone();
+        let path = req.path.clone();
+        let lost = self.state.lost_token();
+        tokio::spawn(async move {
+            let mut stderr = Tail::new(ERROR_TAIL);
+            let mut written = 0u64;
+            let mut write_error = None;
+            let mut input_open = true;
+            let mut output_open = true;
+            while input_open || output_open {
+                tokio::select! {
+                    data = data_rx.recv(), if input_open => match data {
+                        Some(data) => {
+                            if write_error.is_none() {
+                                match input.write_all(&data).await {
+                                    Ok(()) => written += data.len() as u64,
+                                    Err(e) => write_error = Some(e.to_string()),
+                                }
+                            }
+                        }
+                        None => {
+                            let _ = input.shutdown().await;
+                            input_open = false;
+                        }
+                    },
+                    item = output.next(), if output_open => match item {
+                        Some(Ok(LogOutput::StdErr { message })) => stderr.push(&message),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => { write_error.get_or_insert(e.to_string()); output_open = false; }
+                        None => output_open = false,
+                    },
+                    () = lost.cancelled() => { write_error = Some("the control stream was lost".into()); break; }
+                }
+                if !output_open && input_open {
+                    // The writer ended early (it failed to open the file):
+                    // drain what is queued so that the sender sees the error.
+                    data_rx.close();
+                    while data_rx.recv().await.is_some() {}
+                    input_open = false;
+                }
+            }
+            drop(input);
+            let exit_code = state.exit_code(&exec_id).await;
+            let outcome = if exit_code == 0 && write_error.is_none() {
+                Ok(written)
+            } else {
+                let message = match (stderr.text(), write_error) {
+                    (text, _) if !text.is_empty() => text,
+                    (_, Some(e)) => e,
+                    _ => format!("`dd` exited with code {exit_code}"),
+                };
+                Err(classify_file_error(&path, &message))
+            };
+            let _ = done_tx.send(outcome);
+        });
+        locked(&self.state.uploads).insert(
+            req.stream_id.clone(),
+            Upload {
+                next_seq: 1,
+                data: data_tx,
+                done,
+                path: req.path,
+            },
+        );
+        Ok(command_result::Kind::Ack(proto::Ack {}))
+    }
+
+    async fn repo_clone(
+        &self,
+        request_id: String,
+        req: proto::SandboxRepoClone,
+        link: Link,
+    ) -> CommandOutcome {
+        let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
+        check_path(&req.path)?;
+        if req.url.trim().is_empty() {
+            return Err(CommandError::new(
+                ErrorCode::InvalidArgument,
+                "repository bootstrap without a url",
+            ));
+        }
+        let mut ev = make_event(
+            "sandbox.repo.cloning",
+            EventLevel::Info,
+            format!("cloning {} into {}", req.url, req.path),
+        );
+        ev.request_id = request_id;
+        ev.payload = Some(event::Payload::SandboxRepoStatus(SandboxRepoStatus {
+            sandbox_id: req.sandbox_id.clone(),
+            status: "cloning".to_owned(),
+            error: String::new(),
+        }));
+        let _ = link.send_event(ev).await;
+        let mut cmd = vec!["git".to_owned(), "clone".to_owned()];
+        if !req.branch.is_empty() {
+            cmd.push("--branch".to_owned());
+            cmd.push(req.branch.clone());
+        }
+        cmd.push("--".to_owned());
+        cmd.push(req.url.clone());
+        cmd.push(req.path.clone());
+        let (status, error) = match self.state.capture(&container, cmd, 64 * 1024).await {
+            Ok(out) if out.exit_code == 0 => ("ready", String::new()),
+            Ok(out) => ("failed", format!("git clone: {}", exec_message(&out))),
+            Err(e) => ("failed", e.message),
+        };
+        tracing::info!(sandbox = %req.sandbox_id, status, error, "repository bootstrap");
+        Ok(command_result::Kind::SandboxRepoResult(SandboxRepoStatus {
+            sandbox_id: req.sandbox_id,
+            status: status.to_owned(),
+            error,
+        }))
+    }
+
+    async fn terminal(
+        &self,
+        request_id: String,
+        req: proto::SandboxTerminalOpen,
+        link: Link,
+    ) -> CommandOutcome {
+        let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
+        let command = if req.command.is_empty() {
+            vec!["/bin/sh".to_owned()]
+        } else {
+            req.command.clone()
+        };
+        let size = pty_size(req.rows, req.cols);
+        let (exec_id, started) = self.state.exec(&container, command, true, true).await?;
+        let StartExecResults::Attached { output, input } = started else {
+            return Err(CommandError::new(
+                ErrorCode::Internal,
+                "the engine started the exec detached",
+            ));
+        };
+        let ends = self
+            .state
+            .terminals
+            .register_session(&req.session_id, size)?;
+        let docker = self.state.docker().await?;
+        let _ = docker
+            .resize_exec(
+                &exec_id,
+                ResizeExecOptions {
+                    height: winsize(size).0,
+                    width: winsize(size).1,
+                },
+            )
+            .await;
+        let max_duration = match req.max_duration_secs {
+            0 => DEFAULT_MAX_DURATION,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        tracing::info!(sandbox = %req.sandbox_id, session_id = %req.session_id, requested_by = %req.requested_by, "sandbox terminal opened");
+        let state = self.state.clone();
+        let session_id = req.session_id.clone();
+        tokio::spawn(async move {
+            link.reply_sent().await;
+            let run = ExecTerminal {
+                state: state.clone(),
+                docker,
+                exec_id,
+                session_id: session_id.clone(),
+                request_id,
+                link,
+                max_duration,
+            };
+            run.run(output, input, ends).await;
+            state.terminals.remove_session(&session_id);
+        });
+        Ok(command_result::Kind::TerminalOpened(TerminalOpened {
+            session_id: req.session_id,
+        }))
+    }
+}
+
+/// The exit status of a download's `cat`, turned into the stream's error.
+struct CheckedExit {
+    state: Arc<SandboxIoState>,
+    exec_id: String,
+    path: String,
+    stderr: Arc<Mutex<Tail>>,
+}
+
+impl CheckedExit {
+    async fn verdict(self) -> Option<Piece> {
+        let code = self.state.exit_code(&self.exec_id).await;
+        if code == 0 {
+            return None;
+        }
+        let text = locked(&self.stderr).text();
+        let message = if text.is_empty() {
+            format!("`cat` exited with code {code}")
+        } else {
+            text
+        };
+        Some(Err(classify_file_error(&self.path, &message).message))
+    }
+}
+
+struct ExecTerminal {
+    state: Arc<SandboxIoState>,
+    docker: Docker,
+    exec_id: String,
+    session_id: String,
+    request_id: String,
+    link: Link,
+    max_duration: Duration,
+}
+
+impl ExecTerminal {
+    async fn run(
+        self,
+        mut output: std::pin::Pin<
+            Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
+        >,
+        mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+        mut ends: SessionEnds,
+    ) {
+        let expire = tokio::time::sleep(self.max_duration);
+        tokio::pin!(expire);
+        let mut end_reason: Option<String> = None;
+        loop {
+            tokio::select! {
+                item = output.next() => match item {
+                    Some(Ok(out)) => {
+                        let data = out.into_bytes().to_vec();
+                        let mut ev = make_event("terminal.output", EventLevel::Debug, "");
+                        ev.request_id = self.request_id.clone();
+                        ev.payload = Some(event::Payload::TerminalOutput(TerminalOutput {
+                            session_id: self.session_id.clone(),
+                            data,
+                        }));
+                        if self.link.send_event(ev).await.is_err() {
+                            end_reason = Some("the control stream was lost".into());
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => { end_reason = Some(format!("the engine's stream broke: {e}")); break; }
+                    None => break,
+                },
+                Some(data) = ends.input.recv() => {
+                    if let Err(e) = input.write_all(&data).await {
+                        tracing::debug!(session_id = %self.session_id, "sandbox terminal input not written: {e}");
+                    }
+                }
+                Ok(()) = ends.resize.changed() => {
+                    let size = *ends.resize.borrow_and_update();
+                    let _ = self.docker.resize_exec(&self.exec_id, ResizeExecOptions { height: winsize(size).0, width: winsize(size).1 }).await;
+                }
+                () = ends.close.cancelled() => { end_reason = Some("closed by the control plane".into()); break; }
+                () = ends.lost.cancelled() => { end_reason = Some("the control stream was lost".into()); break; }
+                () = &mut expire => { end_reason = Some(format!("session expired after {}s", self.max_duration.as_secs())); break; }
+            }
+        }
+        let exit_code = if end_reason.is_some() {
+            // Ended from outside: the process must not outlive the session.
+            self.kill().await;
+            137
+        } else {
+            i32::try_from(self.state.exit_code(&self.exec_id).await).unwrap_or(-1)
+        };
+        let reason = end_reason.unwrap_or_else(|| "exited".to_owned());
+        let mut exit = make_event(
+            "terminal.exit",
+            EventLevel::Info,
+            format!(
+                "sandbox terminal `{}` ended ({reason}), exit code {exit_code}",
+                self.session_id
+            ),
+        );
+        exit.request_id = self.request_id.clone();
+        exit.fields
+            .insert("session_id".into(), self.session_id.clone());
+        exit.payload = Some(event::Payload::TerminalExit(TerminalExit {
+            session_id: self.session_id.clone(),
+            exit_code,
+            reason,
+        }));
+        let _ = self.link.send_event(exit).await;
+    }
+
+    /// Docker has no API to end an exec: its process is killed by its pid
+    /// (the engine reports the host's pid), if it still runs.
+    async fn kill(&self) {
+        if let Ok(inspect) = self.docker.inspect_exec(&self.exec_id).await {
+            if inspect.running == Some(true) {
+                if let Some(pid) = inspect
+                    .pid
+                    .and_then(|p| i32::try_from(p).ok())
+                    .filter(|p| *p > 1)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl Module for SandboxIo {
+    fn name(&self) -> &'static str {
+        "sandbox_io"
+    }
+
+    fn stream_lost(&self) {
+        let fresh = CancellationToken::new();
+        let old = std::mem::replace(&mut *locked(&self.state.lost), fresh);
+        old.cancel();
+        locked(&self.state.streams).clear();
+        locked(&self.state.uploads).clear();
+    }
+
+    fn handle(self: Arc<Self>, command: Command, link: Link) -> HandlerFuture {
+        Box::pin(async move {
+            let request_id = command.request_id;
+            match command.kind {
+                Some(command::Kind::SandboxLogs(req)) => self.logs(request_id, req, link).await,
+                Some(command::Kind::SandboxFileGet(req)) => self.get(request_id, req, link).await,
+                Some(command::Kind::SandboxFilesList(req)) => {
+                    let container = container_of(&req.sandbox_id, &req.container_id)?;
+                    self.state.list(container, &req.path).await
+                }
+                Some(command::Kind::SandboxFilePutOpen(req)) => self.put_open(req).await,
+                Some(command::Kind::SandboxRepoClone(req)) => {
+                    self.repo_clone(request_id, req, link).await
+                }
+                Some(command::Kind::SandboxTerminalOpen(req)) => {
+                    self.terminal(request_id, req, link).await
+                }
+                _ => Err(CommandError::new(
+                    ErrorCode::InvalidArgument,
+                    "not a sandbox io command",
+                )),
+            }
+        })
+    }
+}
+
+impl Module for SandboxStreamControl {
+    fn name(&self) -> &'static str {
+        "sandbox_streams"
+    }
+
+    fn handle(self: Arc<Self>, command: Command, _link: Link) -> HandlerFuture {
+        Box::pin(async move {
+            let streams = locked(&self.state.streams);
+            match command.kind {
+                Some(command::Kind::SandboxStreamAck(ack)) => {
+                    if let Some(stream) = streams.get(&ack.stream_id) {
+                        stream.acked.send_if_modified(|acked| {
+                            let moved = ack.seq > *acked;
+                            *acked = (*acked).max(ack.seq);
+                            moved
+                        });
+                    }
+                    // An ack for a stream that just ended is not an error.
+                    Ok(command_result::Kind::Ack(proto::Ack {}))
+                }
+                Some(command::Kind::SandboxStreamCancel(cancel)) => {
+                    if let Some(stream) = streams.get(&cancel.stream_id) {
+                        stream.cancel.cancel();
+                    }
+                    Ok(command_result::Kind::Ack(proto::Ack {}))
+                }
+                _ => Err(CommandError::new(
+                    ErrorCode::InvalidArgument,
+                    "not a sandbox stream command",
+                )),
+            }
+        })
+    }
+}
+
+impl Module for SandboxUploads {
+    fn name(&self) -> &'static str {
+        "sandbox_uploads"
+    }
+
+    fn handle(self: Arc<Self>, command: Command, _link: Link) -> HandlerFuture {
+        Box::pin(async move {
+            let Some(command::Kind::SandboxFilePutChunk(chunk)) = command.kind else {
+                return Err(CommandError::new(
+                    ErrorCode::InvalidArgument,
+                    "not a sandbox upload command",
+                ));
+            };
+            let (sender, expected) = {
+                let mut uploads = locked(&self.state.uploads);
+                let upload = uploads.get_mut(&chunk.stream_id).ok_or_else(|| {
+                    CommandError::new(
+                        ErrorCode::NotFound,
+                        format!("no upload `{}` on this host", chunk.stream_id),
+                    )
+                })?;
+                let expected = upload.next_seq;
+                if chunk.seq == expected {
+                    upload.next_seq += 1;
+                }
+                (upload.data.clone(), expected)
+            };
+            if chunk.seq != expected {
+                locked(&self.state.uploads).remove(&chunk.stream_id);
+                return Err(CommandError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "upload `{}`: chunk {} arrived, {expected} was expected",
+                        chunk.stream_id, chunk.seq
+                    ),
+                ));
+            }
+            if !chunk.data.is_empty() && sender.send(chunk.data).await.is_err() {
+                // The writer ended early: its outcome says why.
+                return match finish_upload(&self.state, &chunk.stream_id).await {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(CommandError::new(
+                        ErrorCode::Internal,
+                        "the writer stopped before the end of the upload",
+                    )),
+                };
+            }
+            if !chunk.last {
+                return Ok(command_result::Kind::Ack(proto::Ack {}));
+            }
+            drop(sender);
+            finish_upload(&self.state, &chunk.stream_id).await
+        })
+    }
+}
+
+async fn finish_upload(state: &SandboxIoState, stream_id: &str) -> CommandOutcome {
+    let upload = locked(&state.uploads).remove(stream_id).ok_or_else(|| {
+        CommandError::new(ErrorCode::NotFound, format!("no upload `{stream_id}`"))
+    })?;
+    let Upload {
+        data, done, path, ..
+    } = upload;
+    drop(data);
+    let written = done
+        .await
+        .map_err(|_| CommandError::new(ErrorCode::Internal, "the upload's writer vanished"))??;
+    Ok(command_result::Kind::SandboxFileInfo(SandboxFileInfo {
+        path,
+        size: written,
+        mode: 0,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_bounds_chunks_in_flight() {
+        let mut w = StreamWindow::new(3);
+        assert_eq!(w.window(), 3);
+        let seqs: Vec<u64> = (0..3).map(|_| w.next_seq()).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(!w.may_send());
+        w.ack(1);
+        assert!(w.may_send());
+        assert_eq!(w.next_seq(), 4);
+        assert!(!w.may_send());
+        // A stale ack changes nothing; an ack beyond what was sent is capped.
+        w.ack(0);
+        assert_eq!(w.in_flight(), 3);
+        w.ack(99);
+        assert_eq!(w.in_flight(), 0);
+        assert_eq!(w.next_seq(), 5);
+        assert_eq!(w.in_flight(), 1);
+    }
+
+    #[test]
+    fn window_defaults_and_caps() {
+        assert_eq!(StreamWindow::new(0).window(), u64::from(DEFAULT_WINDOW));
+        assert_eq!(StreamWindow::new(100_000).window(), u64::from(MAX_WINDOW));
+    }
+
+    #[test]
+    fn chunks_are_at_most_the_limit_and_cover_the_data() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let parts: Vec<&[u8]> = split_chunks(&data, CHUNK).collect();
+        assert_eq!(parts.len(), 4);
+        assert!(parts.iter().all(|p| p.len() <= CHUNK));
+        assert_eq!(parts.concat(), data);
+        assert_eq!(split_chunks(&[], CHUNK).count(), 0);
+    }
+
+    #[test]
+    fn tail_keeps_the_last_bytes() {
+        let mut t = Tail::new(5);
+        t.push(b"abc");
+        t.push(b"defgh");
+        assert_eq!(t.text(), "defgh");
+    }
+
+    #[test]
+    fn stat_lines_parse() {
+        let e = parse_stat_line("regular file|12|644|1700000000|/etc/hostname").unwrap();
+        assert_eq!(e.kind, "file");
+        assert_eq!(e.size, 12);
+        assert_eq!(e.mode, 0o644);
+        assert_eq!(e.modified_at_ms, 1_700_000_000_000);
+        assert_eq!(e.name, "/etc/hostname");
+        let d = parse_stat_line("directory|4096|755|1|/a|b").unwrap();
+        assert_eq!((d.kind.as_str(), d.name.as_str()), ("directory", "/a|b"));
+        assert_eq!(
+            parse_stat_line("regular empty file|0|600|1|/x")
+                .unwrap()
+                .kind,
+            "file"
+        );
+        assert!(parse_stat_line("garbage").is_none());
+        assert!(parse_stat_line("file|x|644|1|/a").is_none());
+    }
+
+    #[test]
+    fn file_errors_are_classified() {
+        let e = classify_file_error(
+            "/nope",
+            "cat: can't open '/nope': No such file or directory",
+        );
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(
+            e.message.contains("`/nope` does not exist"),
+            "{}",
+            e.message
+        );
+        let e = classify_file_error("/etc", "cat: read error: Is a directory");
+        assert_eq!(e.code, ErrorCode::FailedPrecondition);
+        let e = classify_file_error("/root/x", "dd: can't open '/root/x': Permission denied");
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        let e = classify_file_error("/sys/x", "dd: can't open '/sys/x': Read-only file system");
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert_eq!(classify_file_error("/x", "weird").code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn paths_must_be_absolute() {
+        assert!(check_path("/etc/hostname").is_ok());
+        assert_eq!(
+            check_path("etc").unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        assert!(check_path("/a\0b").is_err());
+    }
+
+    /// The pump never has more than `window` chunks unacknowledged, and
+    /// sends everything once acks come.
+    #[tokio::test]
+    async fn pump_waits_for_acknowledgements() {
+        let (link, mut rx) = Link::channel(1024);
+        let (acked_tx, acked) = watch::channel(0u64);
+        let cancel = CancellationToken::new();
+        let data = vec![7u8; CHUNK * 10 + 5];
+        let source = futures::stream::iter(vec![Ok((String::new(), data.clone()))]);
+        let task = tokio::spawn(async move {
+            pump(
+                &link,
+                "req-1",
+                "str-1",
+                4,
+                source,
+                StreamEnds { acked, cancel },
+                "end of file",
+            )
+            .await
+        });
+        let mut received = Vec::new();
+        let mut highest = 0u64;
+        loop {
+            let message = rx.recv().await.unwrap();
+            let Some(proto::agent_message::Body::Event(ev)) = message.body else {
+                panic!()
+            };
+            match ev.payload {
+                Some(event::Payload::SandboxStreamChunk(c)) => {
+                    assert_eq!(c.seq, highest + 1);
+                    highest = c.seq;
+                    assert!(
+                        highest - *acked_tx.borrow() <= 4,
+                        "window overrun at {highest}"
+                    );
+                    received.extend_from_slice(&c.data);
+                    // Ack every other chunk, late.
+                    if highest % 2 == 0 {
+                        acked_tx.send_replace(highest - 1);
+                    }
+                    if rx.is_empty() && highest - *acked_tx.borrow() == 4 {
+                        acked_tx.send_replace(highest);
+                    }
+                }
+                Some(event::Payload::SandboxStreamEnd(end)) => {
+                    assert_eq!(end.chunks, 11);
+                    assert_eq!(end.bytes, data.len() as u64);
+                    assert!(end.error.is_empty());
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(received, data);
+        assert_eq!(task.await.unwrap(), (data.len() as u64, None));
+    }
+
+    #[tokio::test]
+    async fn pump_stops_when_cancelled() {
+        let (link, mut rx) = Link::channel(64);
+        let (_acked_tx, acked) = watch::channel(0u64);
+        let cancel = CancellationToken::new();
+        let source = futures::stream::iter(vec![Ok((String::new(), vec![1u8; CHUNK * 8]))]);
+        let stop = cancel.clone();
+        let task = tokio::spawn(async move {
+            pump(
+                &link,
+                "req-1",
+                "str-1",
+                2,
+                source,
+                StreamEnds { acked, cancel },
+                "end",
+            )
+            .await
+        });
+        let mut chunks = 0;
+        while chunks < 2 {
+            if let Some(proto::agent_message::Body::Event(ev)) = rx.recv().await.unwrap().body {
+                if matches!(ev.payload, Some(event::Payload::SandboxStreamChunk(_))) {
+                    chunks += 1;
+                }
+            }
+        }
+        stop.cancel();
+        let (bytes, _) = task.await.unwrap();
+        assert_eq!(bytes, (CHUNK * 2) as u64);
+        let Some(proto::agent_message::Body::Event(ev)) = rx.recv().await.unwrap().body else {
+            panic!()
+        };
+        let Some(event::Payload::SandboxStreamEnd(end)) = ev.payload else {
+            panic!()
+        };
+        assert_eq!(end.reason, "cancelled");
+    }
+}
