@@ -849,44 +849,60 @@ impl SandboxIo {
         let path = req.path.clone();
         let lost = self.state.lost_token();
         tokio::spawn(async move {
-            let mut stderr = Tail::new(ERROR_TAIL);
+            // Writing and reading run side by side: when `dd` ends early
+            // (it could not open the file) the engine stops reading its
+            // input, so a pending write must not keep us from seeing the end.
+            let writer = async move {
+                let mut written = 0u64;
+                while let Some(data) = data_rx.recv().await {
+                    input.write_all(&data).await.map_err(|e| e.to_string())?;
+                    written += data.len() as u64;
+                }
+                input.shutdown().await.map_err(|e| e.to_string())?;
+                Ok::<u64, String>(written)
+            };
+            let reader = async move {
+                let mut stderr = Tail::new(ERROR_TAIL);
+                while let Some(item) = output.next().await {
+                    match item {
+                        Ok(LogOutput::StdErr { message }) => stderr.push(&message),
+                        Ok(_) => {}
+                        Err(e) => {
+                            stderr.push(e.to_string().as_bytes());
+                            break;
+                        }
+                    }
+                }
+                stderr
+            };
+            tokio::pin!(writer, reader);
             let mut written = 0u64;
             let mut write_error = None;
-            let mut input_open = true;
-            let mut output_open = true;
-            while input_open || output_open {
-                tokio::select! {
-                    data = data_rx.recv(), if input_open => match data {
-                        Some(data) => {
-                            if write_error.is_none() {
-                                match input.write_all(&data).await {
-                                    Ok(()) => written += data.len() as u64,
-                                    Err(e) => write_error = Some(e.to_string()),
-                                }
-                            }
+            let stderr = tokio::select! {
+                wrote = &mut writer => {
+                    match wrote {
+                        Ok(n) => written = n,
+                        Err(e) => write_error = Some(e),
+                    }
+                    tokio::select! {
+                        stderr = &mut reader => stderr,
+                        () = lost.cancelled() => {
+                            write_error = Some("the control stream was lost".into());
+                            Tail::new(ERROR_TAIL)
                         }
-                        None => {
-                            let _ = input.shutdown().await;
-                            input_open = false;
-                        }
-                    },
-                    item = output.next(), if output_open => match item {
-                        Some(Ok(LogOutput::StdErr { message })) => stderr.push(&message),
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => { write_error.get_or_insert(e.to_string()); output_open = false; }
-                        None => output_open = false,
-                    },
-                    () = lost.cancelled() => { write_error = Some("the control stream was lost".into()); break; }
+                    }
                 }
-                if !output_open && input_open {
-                    // The writer ended early (it failed to open the file):
-                    // drain what is queued so that the sender sees the error.
-                    data_rx.close();
-                    while data_rx.recv().await.is_some() {}
-                    input_open = false;
+                // The process ended before its input did: dropping the
+                // writer drops the queue, so the next chunk fails at once.
+                stderr = &mut reader => {
+                    write_error = Some("the writer ended before the end of the upload".into());
+                    stderr
                 }
-            }
-            drop(input);
+                () = lost.cancelled() => {
+                    write_error = Some("the control stream was lost".into());
+                    Tail::new(ERROR_TAIL)
+                }
+            };
             let exit_code = state.exit_code(&exec_id).await;
             let outcome = if exit_code == 0 && write_error.is_none() {
                 Ok(written)
@@ -1431,7 +1447,7 @@ mod tests {
                     );
                     received.extend_from_slice(&c.data);
                     // Ack every other chunk, late.
-                    if highest % 2 == 0 {
+                    if highest.is_multiple_of(2) {
                         acked_tx.send_replace(highest - 1);
                     }
                     if rx.is_empty() && highest - *acked_tx.borrow() == 4 {

@@ -1,6 +1,7 @@
 //! Shared support for the end-to-end tests in `tests/tests/`.
 
 pub mod docker;
+pub mod git_image;
 pub mod netns;
 
 use std::path::PathBuf;

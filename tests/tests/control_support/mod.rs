@@ -173,6 +173,11 @@ impl ControlPlane {
         format!("https://{}", self.addr)
     }
 
+    /// The process id (to measure its memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn ca_file(&self) -> PathBuf {
         self.ca_file.clone()
     }
@@ -339,6 +344,11 @@ impl Agent {
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// The process id (to measure its memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn kill9(&mut self) {
