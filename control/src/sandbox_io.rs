@@ -81,29 +81,35 @@ pub fn sandbox_target(
     Ok((sandbox, host))
 }
 
-/// Relays a stream's chunks through `deliver` (which awaits room at the
-/// operator), acknowledging them to the agent, until the end. Cancels the
-/// stream on the agent when the operator goes away.
-async fn relay_stream<F, Fut>(
+/// Relays a stream's chunks to the operator's stream `out` (awaiting room
+/// there), acknowledging them to the agent, until the end. Cancels the
+/// stream on the agent when the operator goes away, also while no chunk
+/// is flowing (an idle `--follow`).
+async fn relay_stream<T>(
     host: Arc<HostSession>,
     stream_id: String,
     mut feed: mpsc::Receiver<StreamFeed>,
-    mut deliver: F,
-) -> Result<proto::SandboxStreamEnd, Status>
-where
-    F: FnMut(proto::SandboxStreamChunk) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
+    out: &mpsc::Sender<Result<T, Status>>,
+    wrap: impl Fn(proto::SandboxStreamChunk) -> T,
+) -> Result<proto::SandboxStreamEnd, Status> {
     let mut acked = 0u64;
+    let cancel = |host: Arc<HostSession>, stream_id: String| async move {
+        let cancel = command::Kind::SandboxStreamCancel(proto::SandboxStreamCancel { stream_id });
+        let _ = host.send_command(cancel).await;
+    };
     let outcome = loop {
-        match feed.recv().await {
+        let next = tokio::select! {
+            next = feed.recv() => next,
+            () = out.closed() => {
+                cancel(host.clone(), stream_id.clone()).await;
+                break Err(Status::cancelled("the reader went away"));
+            }
+        };
+        match next {
             Some(StreamFeed::Chunk(chunk)) => {
                 let seq = chunk.seq;
-                if !deliver(chunk).await {
-                    let cancel = command::Kind::SandboxStreamCancel(proto::SandboxStreamCancel {
-                        stream_id: stream_id.clone(),
-                    });
-                    let _ = host.send_command(cancel).await;
+                if out.send(Ok(wrap(chunk))).await.is_err() {
+                    cancel(host.clone(), stream_id.clone()).await;
                     break Err(Status::cancelled("the reader went away"));
                 }
                 if should_ack(seq, acked, STREAM_WINDOW) {
@@ -158,16 +164,10 @@ pub async fn logs(
     }
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     tokio::spawn(async move {
-        let out = out_tx.clone();
-        let ended = relay_stream(host, stream_id, feed, move |chunk| {
-            let out = out.clone();
-            async move {
-                out.send(Ok(proto::SandboxLogsChunk {
-                    source: chunk.source,
-                    data: chunk.data,
-                }))
-                .await
-                .is_ok()
+        let ended = relay_stream(host, stream_id, feed, &out_tx, |chunk| {
+            proto::SandboxLogsChunk {
+                source: chunk.source,
+                data: chunk.data,
             }
         })
         .await;
@@ -268,15 +268,9 @@ pub async fn get(
             host.detach_stream(&stream_id);
             return;
         }
-        let out = out_tx.clone();
-        let ended = relay_stream(host, stream_id, feed, move |chunk| {
-            let out = out.clone();
-            async move {
-                out.send(Ok(proto::SandboxFileData {
-                    body: Some(Body::Data(chunk.data)),
-                }))
-                .await
-                .is_ok()
+        let ended = relay_stream(host, stream_id, feed, &out_tx, |chunk| {
+            proto::SandboxFileData {
+                body: Some(Body::Data(chunk.data)),
             }
         })
         .await;
