@@ -11,14 +11,16 @@
 
 mod network_support;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use control::mesh::MeshSettings;
-use network_support::{tests_wait, text, Cluster, WAIT};
+use network_support::{
+    free_udp_port, loopback_agent_env, tests_wait, text, AgentProcess, Cluster, WAIT,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,78 +28,12 @@ use tokio::net::{TcpListener, TcpStream};
 const API_PORT: u16 = 18_380;
 const DB_PORT: u16 = 18_381;
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A `gstacks-agent run` process; its log goes to `agent.log`.
-struct AgentProcess {
-    state_dir: PathBuf,
-    child: Child,
-}
-
-impl AgentProcess {
-    fn start(cluster: &Cluster, state_dir: &Path, token: &str, listen_ip: Ipv4Addr) -> Self {
-        std::fs::create_dir_all(state_dir).unwrap();
-        let log = std::fs::File::create(state_dir.join("agent.log")).unwrap();
-        let mesh = format!("127.0.0.1:{}", free_udp_port());
-        let dns = SocketAddr::new(listen_ip.into(), free_udp_port());
-        let child = Command::new(tests::binary("gstacks-agent"))
-            .arg("run")
-            .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
-            .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
-            .env("GLOBALSTACKS_STATE_DIR", state_dir)
-            .env("GLOBALSTACKS_PROVISIONING_TOKEN", token)
-            .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
-            .env("GLOBALSTACKS_AGENT_MESH_DNS_ADDR", dns.to_string())
-            .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string())
-            .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
-            .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
-            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
-            // No container engine: the sandbox is a loopback server, and no
-            // rediscovery marks its container-less record failed.
-            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        AgentProcess {
-            state_dir: state_dir.to_owned(),
-            child,
-        }
-    }
-
-    async fn host_id(&self) -> String {
-        let path = self.state_dir.join("credential.json");
-        tests_wait(|| async {
-            let text = std::fs::read_to_string(&path).ok()?;
-            let value: Value = serde_json::from_str(&text).ok()?;
-            value["host_id"].as_str().map(str::to_owned)
-        })
-        .await
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
 }
 
 /// The sandbox: answers `GET` with a small HTTP response, echoes anything
@@ -273,7 +209,11 @@ async fn laptop_joins_forwards_and_is_cut_off_by_revocation_and_expiry() {
         &cluster,
         &dirs.path().join("agent"),
         provisioning.expose(),
-        Ipv4Addr::new(127, 0, 71, 1),
+        &loopback_agent_env(
+            Ipv4Addr::new(127, 0, 71, 1),
+            SocketAddr::new(Ipv4Addr::new(127, 0, 71, 1).into(), free_udp_port()),
+            free_udp_port(),
+        ),
     );
     let host = agent.host_id().await;
     tests_wait(|| async { plane.sessions.get(&host).map(drop) }).await;
@@ -550,38 +490,26 @@ async fn laptop_reaches_a_real_container_through_mesh_forward() {
     let (_, provisioning) = plane
         .create_provisioning_token("cls_default", "mesh laptop", false, None)
         .unwrap();
-    let state_dir = dirs.path().join("agent");
-    std::fs::create_dir_all(&state_dir).unwrap();
-    let log = std::fs::File::create(state_dir.join("agent.log")).unwrap();
     let mesh = format!("127.0.0.1:{}", free_udp_port());
     let listen_ip = Ipv4Addr::new(127, 0, 73, 1);
-    let mut command = Command::new(tests::binary("gstacks-agent"));
-    command
-        .arg("run")
-        .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
-        .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
-        .env("GLOBALSTACKS_STATE_DIR", &state_dir)
-        .env("GLOBALSTACKS_PROVISIONING_TOKEN", provisioning.expose())
-        .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
-        .env(
+    let env: Vec<_> = [
+        (
             "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
             format!("{listen_ip}:{}", free_udp_port()),
-        )
-        .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string())
-        .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
-        .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
-        .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    for (key, value) in engine.agent_env() {
-        command.env(key, value);
-    }
-    let agent = AgentProcess {
-        child: command.spawn().unwrap(),
-        state_dir: state_dir.clone(),
-    };
+        ),
+        ("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string()),
+        ("GLOBALSTACKS_AGENT_MESH_LISTEN", mesh.clone()),
+        ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh),
+    ]
+    .into_iter()
+    .chain(engine.agent_env())
+    .collect();
+    let agent = AgentProcess::start(
+        &cluster,
+        &dirs.path().join("agent"),
+        provisioning.expose(),
+        &env,
+    );
     let host = agent.host_id().await;
     tests_wait(|| async { plane.sessions.get(&host).map(drop) }).await;
 

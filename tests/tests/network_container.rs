@@ -10,26 +10,18 @@
 
 mod network_support;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use network_support::{tests_wait, Cluster};
+use network_support::{free_udp_port, tests_wait, AgentProcess, Cluster};
 use serde_json::Value;
 use tests::docker::{docker, DockerScope};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 
 const HTTPD_PORT: u16 = 8080;
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// An image whose only file is busybox and a page, running httpd.
 fn build_httpd_image(dir: &Path, tag: &str, page: &str) {
@@ -51,60 +43,6 @@ fn build_httpd_image(dir: &Path, tag: &str, page: &str) {
     let cmd = format!(r#"CMD ["/bin/busybox", "httpd", "-f", "-p", "{HTTPD_PORT}", "-h", "/www"]"#);
     let out = docker(&["import", "--change", &cmd, tar.to_str().unwrap(), tag]);
     assert!(out.status.success(), "docker import: {out:?}");
-}
-
-struct AgentProcess {
-    child: Child,
-    state_dir: PathBuf,
-}
-
-impl AgentProcess {
-    fn start(cluster: &Cluster, state_dir: &Path, token: &str, env: &[(&str, String)]) -> Self {
-        std::fs::create_dir_all(state_dir).unwrap();
-        let log = std::fs::File::create(state_dir.join("agent.log")).unwrap();
-        let mut command = Command::new(tests::binary("gstacks-agent"));
-        command
-            .arg("run")
-            .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
-            .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
-            .env("GLOBALSTACKS_STATE_DIR", state_dir)
-            .env("GLOBALSTACKS_PROVISIONING_TOKEN", token)
-            .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
-            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        AgentProcess {
-            child: command.spawn().unwrap(),
-            state_dir: state_dir.to_owned(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
-    }
-
-    async fn host_id(&self) -> String {
-        let path = self.state_dir.join("credential.json");
-        tests_wait(|| async {
-            let text = std::fs::read_to_string(&path).ok()?;
-            let value: Value = serde_json::from_str(&text).ok()?;
-            value["host_id"].as_str().map(str::to_owned)
-        })
-        .await
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
 }
 
 /// Removes the test's image, whatever happens (the scope's containers and

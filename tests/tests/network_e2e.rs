@@ -10,12 +10,13 @@
 
 mod network_support;
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
 use std::time::Duration;
 
-use network_support::{tests_wait, text, Cluster, WAIT};
+use network_support::{
+    free_udp_port, loopback_agent_env, tests_wait, text, AgentProcess, Cluster, WAIT,
+};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -24,112 +25,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// The alias port of `api` (also the port the echo server listens on).
 const API_PORT: u16 = 18_080;
 const WEB_PORT: u16 = 18_081;
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `gstacks-agent run` process with its own DNS port, listener address
-/// and mesh port; stdout and stderr go to `agent.log` in its state dir.
-struct AgentProcess {
-    state_dir: PathBuf,
-    child: Child,
-    dns: SocketAddr,
-    listen_ip: Ipv4Addr,
-    mesh_port: u16,
-}
-
-impl AgentProcess {
-    fn start(
-        cluster: &Cluster,
-        state_dir: &Path,
-        token: &str,
-        listen_ip: Ipv4Addr,
-        dns: SocketAddr,
-        mesh_port: u16,
-    ) -> AgentProcess {
-        std::fs::create_dir_all(state_dir).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state_dir.join("agent.log"))
-            .unwrap();
-        let mesh = format!("127.0.0.1:{mesh_port}");
-        let child = Command::new(tests::binary("gstacks-agent"))
-            .arg("run")
-            .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
-            .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
-            .env("GLOBALSTACKS_STATE_DIR", state_dir)
-            .env("GLOBALSTACKS_PROVISIONING_TOKEN", token)
-            .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
-            .env("GLOBALSTACKS_AGENT_MESH_DNS_ADDR", dns.to_string())
-            .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string())
-            .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
-            .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
-            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
-            // Hosts without a container engine: their sandboxes are the
-            // loopback addresses this test registers, and no rediscovery
-            // marks them failed for want of a container.
-            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        AgentProcess {
-            state_dir: state_dir.to_owned(),
-            child,
-            dns,
-            listen_ip,
-            mesh_port,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
-    }
-
-    async fn host_id(&self) -> String {
-        let path = self.state_dir.join("credential.json");
-        tests_wait(|| async {
-            let text = std::fs::read_to_string(&path).ok()?;
-            let value: Value = serde_json::from_str(&text).ok()?;
-            value["host_id"].as_str().map(str::to_owned)
-        })
-        .await
-    }
-
-    /// SIGKILL, then the same agent again (same state dir and settings).
-    fn restart(&mut self, cluster: &Cluster) {
-        self.stop();
-        let again = AgentProcess::start(
-            cluster,
-            &self.state_dir,
-            "",
-            self.listen_ip,
-            self.dns,
-            self.mesh_port,
-        );
-        *self = again;
-    }
-
-    fn stop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Echoes every connection until EOF, then closes.
 async fn echo_server(addr: SocketAddr) {
@@ -231,17 +126,13 @@ async fn sandbox_reaches_sandbox_through_two_real_agents_driven_by_the_control_p
         &cluster,
         &dirs.path().join("a"),
         secret.expose(),
-        ip_a,
-        dns_a,
-        free_udp_port(),
+        &loopback_agent_env(ip_a, dns_a, free_udp_port()),
     );
     let b = AgentProcess::start(
         &cluster,
         &dirs.path().join("b"),
         secret.expose(),
-        ip_b,
-        dns_b,
-        free_udp_port(),
+        &loopback_agent_env(ip_b, dns_b, free_udp_port()),
     );
     let host_a = a.host_id().await;
     let host_b = b.host_id().await;

@@ -223,3 +223,112 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A free UDP port on loopback (for an agent's mesh or DNS).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Settings of an agent with no container engine whose DNS and alias
+/// listeners are on `listen_ip` and whose mesh is on loopback: its sandboxes
+/// are loopback addresses the test registers, and no rediscovery marks their
+/// container-less records failed.
+pub fn loopback_agent_env(
+    listen_ip: std::net::Ipv4Addr,
+    dns: std::net::SocketAddr,
+    mesh_port: u16,
+) -> Vec<(&'static str, String)> {
+    let mesh = format!("127.0.0.1:{mesh_port}");
+    vec![
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock".to_owned()),
+        ("GLOBALSTACKS_AGENT_MESH_DNS_ADDR", dns.to_string()),
+        ("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", listen_ip.to_string()),
+        ("GLOBALSTACKS_AGENT_MESH_LISTEN", mesh.clone()),
+        ("GLOBALSTACKS_AGENT_MESH_ENDPOINT", mesh),
+    ]
+}
+
+/// A `gstacks-agent run` process enrolled into the test's control plane;
+/// stdout and stderr go to `agent.log` in its state dir.
+pub struct AgentProcess {
+    state_dir: PathBuf,
+    child: std::process::Child,
+    env: Vec<(&'static str, String)>,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `env` over the common settings (control URL
+    /// and CA, state dir, provisioning token, 500 ms heartbeats).
+    pub fn start(
+        cluster: &Cluster,
+        state_dir: &std::path::Path,
+        token: &str,
+        env: &[(&'static str, String)],
+    ) -> AgentProcess {
+        std::fs::create_dir_all(state_dir).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("agent.log"))
+            .unwrap();
+        let mut command = Command::new(tests::binary("gstacks-agent"));
+        command
+            .arg("run")
+            .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
+            .env("GLOBALSTACKS_CONTROL_CA_FILE", cluster.ca_file())
+            .env("GLOBALSTACKS_STATE_DIR", state_dir)
+            .env("GLOBALSTACKS_PROVISIONING_TOKEN", token)
+            .env("GLOBALSTACKS_AGENT_HEARTBEAT_MS", "500")
+            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        AgentProcess {
+            state_dir: state_dir.to_owned(),
+            child: command.spawn().unwrap(),
+            env: env.to_vec(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The host id the agent enrolled as (from its credential file).
+    pub async fn host_id(&self) -> String {
+        let path = self.state_dir.join("credential.json");
+        tests_wait(|| async {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let value: Value = serde_json::from_str(&text).ok()?;
+            value["host_id"].as_str().map(str::to_owned)
+        })
+        .await
+    }
+
+    /// SIGKILL, then the same agent again (same state dir and settings).
+    pub fn restart(&mut self, cluster: &Cluster) {
+        self.stop();
+        let again = AgentProcess::start(cluster, &self.state_dir, "", &self.env);
+        *self = again;
+    }
+
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
