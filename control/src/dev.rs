@@ -18,6 +18,10 @@ use crate::store::{HostStatus, DEFAULT_CLUSTER_ID};
 /// previous one of which it revokes).
 pub const DEV_OPERATOR_TOKEN: &str = "dev";
 
+/// Description of the mesh API token each `dev` start makes (and the
+/// previous one of which it revokes).
+pub const DEV_MESH_API_TOKEN: &str = "gstacks-control dev";
+
 #[derive(Debug, Clone)]
 pub struct DevOptions {
     pub serve: ServeOptions,
@@ -241,7 +245,12 @@ fn configure_mesh(running: &Running) -> Result<Option<crate::secret::Secret>> {
     if settings.source().is_ok() {
         return Ok(None);
     }
-    let token = running.plane.create_mesh_api_token("gstacks-control dev")?;
+    // One live dev token at a time: the one the previous start printed stops working.
+    running
+        .plane
+        .store
+        .revoke_mesh_api_tokens_described(DEV_MESH_API_TOKEN, crate::clock::now_ms())?;
+    let token = running.plane.create_mesh_api_token(DEV_MESH_API_TOKEN)?;
     let url = running.url();
     if settings
         .control_url

@@ -492,6 +492,9 @@ pub trait Store: Send + Sync + 'static {
 
     fn insert_mesh_api_token(&self, token: &mesh::MeshApiToken) -> Result<()>;
     fn mesh_api_token(&self, id: &str) -> Result<Option<mesh::MeshApiToken>>;
+    /// Revokes the live mesh API tokens with this description (how each
+    /// `gstacks-control dev` start retires the token the previous one made).
+    fn revoke_mesh_api_tokens_described(&self, description: &str, now_ms: i64) -> Result<usize>;
     fn insert_pre_auth_key(&self, key: &mesh::PreAuthKey) -> Result<()>;
     fn pre_auth_key(&self, id: &str) -> Result<Option<mesh::PreAuthKey>>;
     /// Consumes the key (unless reusable), joins the node to its network

@@ -501,6 +501,15 @@ impl Store for SqliteStore {
         self.with(|conn| mesh::api_token(conn, id))
     }
 
+    fn revoke_mesh_api_tokens_described(&self, description: &str, now_ms: i64) -> Result<usize> {
+        self.with(|conn| {
+            Ok(conn.execute(
+                "UPDATE mesh_api_tokens SET revoked_at_ms = ?2 WHERE description = ?1 AND revoked_at_ms = 0",
+                params![description, now_ms],
+            )?)
+        })
+    }
+
     fn insert_pre_auth_key(&self, key: &super::mesh::PreAuthKey) -> Result<()> {
         self.with(|conn| mesh::insert_pre_auth_key(conn, key))
     }
@@ -1517,6 +1526,42 @@ mod tests {
         assert_eq!(
             store.operator_token("op_1").unwrap().unwrap().revoked_at_ms,
             5
+        );
+    }
+
+    #[test]
+    fn mesh_api_tokens_are_revoked_by_description() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("control.db")).unwrap();
+        for (id, description) in [("mat_1", "dev"), ("mat_2", "dev"), ("mat_3", "ci")] {
+            store
+                .insert_mesh_api_token(&super::super::mesh::MeshApiToken {
+                    id: id.into(),
+                    secret_hash: "h".into(),
+                    description: description.into(),
+                    created_at_ms: 1,
+                    revoked_at_ms: 0,
+                })
+                .unwrap();
+        }
+        assert_eq!(store.revoke_mesh_api_tokens_described("dev", 7).unwrap(), 2);
+        // Already revoked tokens keep their first revocation time.
+        assert_eq!(store.revoke_mesh_api_tokens_described("dev", 9).unwrap(), 0);
+        assert_eq!(
+            store
+                .mesh_api_token("mat_1")
+                .unwrap()
+                .unwrap()
+                .revoked_at_ms,
+            7
+        );
+        assert_eq!(
+            store
+                .mesh_api_token("mat_3")
+                .unwrap()
+                .unwrap()
+                .revoked_at_ms,
+            0
         );
     }
 }
