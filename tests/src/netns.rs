@@ -209,6 +209,159 @@ impl Drop for Netns {
     }
 }
 
+/// A private layer-2 segment: a bridge in a namespace of its own (the
+/// "hub"), with namespaces joined to it by veth pairs. It and its addresses
+/// exist only inside namespaces the test made, so the address range cannot
+/// meet the host's. Dropping it deletes the hub, which deletes the bridge and
+/// every veth pair to it.
+pub struct Segment {
+    hub: String,
+    prefix: [u8; 3],
+    next: AtomicU32,
+}
+
+impl Segment {
+    /// An empty bridge; members get addresses in `a.b.c.0/24`.
+    pub fn create(prefix: [u8; 3]) -> Result<Segment> {
+        let hub = unique_name("gsh");
+        ip(&["netns", "add", &hub])?;
+        let segment = Segment {
+            hub,
+            prefix,
+            next: AtomicU32::new(0),
+        };
+        segment.ip(&["link", "add", "br0", "type", "bridge"])?;
+        segment.ip(&["link", "set", "br0", "up"])?;
+        Ok(segment)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.hub.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Joins `ns` to the bridge with a veth pair whose end in `ns` is
+    /// `device` with address `a.b.c.<host>/24`; returns that address.
+    pub fn attach(&self, ns: &Netns, device: &str, host: u8) -> Result<Ipv4Addr> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let port = format!("p{n}");
+        self.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", device, "netns", ns.name(),
+        ])?;
+        self.ip(&["link", "set", &port, "master", "br0"])?;
+        self.ip(&["link", "set", &port, "up"])?;
+        let [a, b, c] = self.prefix;
+        let addr = Ipv4Addr::new(a, b, c, host);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", device])?;
+        ns.ip(&["link", "set", device, "up"])?;
+        Ok(addr)
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.hub]) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// An nftables table inside a namespace, made from a ruleset in `nft -f`
+/// form (e.g. a `numgen random` drop rule: packet loss without netem).
+/// Dropping it deletes the table (the namespace may be gone already).
+pub struct NftTable {
+    namespace: String,
+    family: String,
+    name: String,
+}
+
+impl NftTable {
+    /// Loads `table <family> <name> { <body> }` into `ns`.
+    pub fn create(ns: &Netns, family: &str, name: &str, body: &str) -> Result<NftTable> {
+        use std::io::Write as _;
+        let ruleset = format!("table {family} {name} {{\n{body}\n}}\n");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run nft (package nftables)")?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(ruleset.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft -f failed: {}\n{ruleset}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(NftTable {
+            namespace: ns.name().to_owned(),
+            family: family.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `nft list table` inside the namespace.
+    pub fn list(&self) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "nft", "list", "table"])
+            .args([&self.family, &self.name])
+            .output()
+            .context("run nft (package nftables)")?;
+        if !out.status.success() {
+            bail!(
+                "nft list table failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The sum of the `counter packets N` of the table's rules.
+    pub fn counted_packets(&self) -> Result<u64> {
+        let listing = self.list()?;
+        let mut total = 0;
+        for line in listing.lines() {
+            let mut words = line.split_whitespace();
+            while let Some(word) = words.next() {
+                if word == "packets" {
+                    if let Some(n) = words.next().and_then(|n| n.parse::<u64>().ok()) {
+                        total += n;
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let path = PathBuf::from("/run/netns").join(&self.namespace);
+        if !path.exists() {
+            return;
+        }
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, "nft", "delete", "table"])
+            .args([&self.family, &self.name])
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "cleanup: nft delete table: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("cleanup: nft: {e}"),
+        }
+    }
+}
+
 /// A child process killed (SIGKILL, by its pid) and reaped on drop.
 pub struct ChildGuard {
     child: Child,

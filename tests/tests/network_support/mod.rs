@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -24,13 +25,27 @@ pub struct Cluster {
     pub data_dir: tempfile::TempDir,
     home: tempfile::TempDir,
     running: Option<Running>,
+    /// Where it listens (kept across restarts).
+    addr: SocketAddr,
     pub token: String,
 }
 
 impl Cluster {
+    /// On a free loopback port.
     pub async fn start() -> Cluster {
+        Cluster::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// On `listen` (port 0: a free one). An address other than loopback
+    /// (e.g. the root end of a test namespace's veth pair, for agents inside
+    /// namespaces) is added to the dev certificate, made here before the
+    /// first start.
+    pub async fn start_on(listen: SocketAddr) -> Cluster {
         let data_dir = tempfile::tempdir().unwrap();
-        let running = serve(data_dir.path()).await;
+        if !listen.ip().is_loopback() {
+            write_dev_certificate(data_dir.path(), listen.ip());
+        }
+        let running = serve_on(data_dir.path(), listen).await;
         let token = running
             .first_operator_token
             .as_ref()
@@ -41,13 +56,14 @@ impl Cluster {
         Cluster {
             data_dir,
             home: tempfile::tempdir().unwrap(),
+            addr: running.addr,
             running: Some(running),
             token,
         }
     }
 
     pub fn running(&self) -> &Running {
-        self.running.as_ref().unwrap()
+        self.running.as_ref().expect("the control plane is stopped")
     }
 
     pub fn url(&self) -> String {
@@ -58,10 +74,23 @@ impl Cluster {
         self.data_dir.path().join("tls/cert.pem")
     }
 
-    /// Stops the control plane and starts it again on the same store.
+    /// Stops the control plane and starts it again on the same store and
+    /// address.
     pub async fn restart(&mut self) {
+        self.stop().await;
+        self.resume().await;
+    }
+
+    /// Stops the control plane (agents lose their streams); [`Cluster::resume`]
+    /// starts it again. Nothing that needs it may run in between.
+    pub async fn stop(&mut self) {
         self.running.take().unwrap().shutdown().await.unwrap();
-        let running = serve(self.data_dir.path()).await;
+    }
+
+    /// Starts the stopped control plane again on the same store and address.
+    pub async fn resume(&mut self) {
+        assert!(self.running.is_none(), "the control plane is running");
+        let running = serve_on(self.data_dir.path(), self.addr).await;
         assert!(running.first_operator_token.is_none());
         self.running = Some(running);
     }
@@ -185,15 +214,47 @@ impl Cluster {
 }
 
 pub async fn serve(data_dir: &std::path::Path) -> Running {
+    serve_on(data_dir, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+pub async fn serve_on(data_dir: &std::path::Path, listen: SocketAddr) -> Running {
     control::server::start(ServeOptions {
         data_dir: data_dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen,
         tls: TlsSource::Dev,
         settings: Settings::default(),
         first_operator_token: true,
     })
     .await
     .unwrap()
+}
+
+/// The `--dev` certificate (`<data_dir>/tls/`, which the control plane
+/// loads when present) for loopback and `ip`, key 0600 in a 0700 directory.
+fn write_dev_certificate(data_dir: &std::path::Path, ip: std::net::IpAddr) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = data_dir.join("tls");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .unwrap();
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        ip.to_string(),
+    ];
+    let certified = rcgen::generate_simple_self_signed(names).unwrap();
+    let mut key = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join("key.pem"))
+        .unwrap();
+    key.write_all(certified.signing_key.serialize_pem().as_bytes())
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
 }
 
 pub fn text(out: &Output) -> String {
@@ -258,6 +319,8 @@ pub struct AgentProcess {
     state_dir: PathBuf,
     child: std::process::Child,
     env: Vec<(&'static str, String)>,
+    /// The network namespace it runs in (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl AgentProcess {
@@ -269,13 +332,33 @@ impl AgentProcess {
         token: &str,
         env: &[(&'static str, String)],
     ) -> AgentProcess {
+        AgentProcess::start_in(cluster, state_dir, token, env, None)
+    }
+
+    /// [`AgentProcess::start`] inside the network namespace `netns`
+    /// (`ip netns exec`, which execs: the child's pid is the agent's).
+    pub fn start_in(
+        cluster: &Cluster,
+        state_dir: &std::path::Path,
+        token: &str,
+        env: &[(&'static str, String)],
+        netns: Option<&str>,
+    ) -> AgentProcess {
         std::fs::create_dir_all(state_dir).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(state_dir.join("agent.log"))
             .unwrap();
-        let mut command = Command::new(tests::binary("gstacks-agent"));
+        let agent = tests::binary("gstacks-agent");
+        let mut command = match netns {
+            Some(name) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name]).arg(agent);
+                command
+            }
+            None => Command::new(agent),
+        };
         command
             .arg("run")
             .env("GLOBALSTACKS_CONTROL_URL", cluster.url())
@@ -295,6 +378,7 @@ impl AgentProcess {
             state_dir: state_dir.to_owned(),
             child: command.spawn().unwrap(),
             env: env.to_vec(),
+            netns: netns.map(str::to_owned),
         }
     }
 
@@ -316,8 +400,23 @@ impl AgentProcess {
     /// SIGKILL, then the same agent again (same state dir and settings).
     pub fn restart(&mut self, cluster: &Cluster) {
         self.stop();
-        let again = AgentProcess::start(cluster, &self.state_dir, "", &self.env);
+        let again = AgentProcess::start_in(
+            cluster,
+            &self.state_dir,
+            "",
+            &self.env,
+            self.netns.as_deref(),
+        );
         *self = again;
+    }
+
+    /// Fails if the agent exited (e.g. crashed).
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(format!("the agent exited: {status}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     pub fn stop(&mut self) {
