@@ -247,7 +247,16 @@ impl Segment {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let port = format!("p{n}");
         self.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", device, "netns", ns.name(),
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            device,
+            "netns",
+            ns.name(),
         ])?;
         self.ip(&["link", "set", &port, "master", "br0"])?;
         self.ip(&["link", "set", &port, "up"])?;
