@@ -24,15 +24,17 @@ use hickory_server::{
             rdata::{A, AAAA, SOA},
             DNSClass, Name, RData, Record, RecordType,
         },
-        serialize::binary::BinEncoder,
+        serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder},
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
-    zone_handler::{MessageResponse, MessageResponseBuilder},
+    zone_handler::{MessageResponse, MessageResponseBuilder, Queries},
 };
+use tokio::net::UdpSocket;
 use tracing::debug;
 
 use crate::{
-    records::{NameState, RecordTable},
+    fast,
+    records::{NameState, RecordTable, TableCache},
     upstream::Question,
     Records, Upstream,
 };
@@ -107,25 +109,70 @@ impl DnsHandler {
         }
     }
 
-    /// Answers one raw UDP query without a socket, as [`crate::DnsServer`]
-    /// would (answers above the client's UDP size are truncated with TC):
-    /// `None` where the server answers before the handler is reached
-    /// (hickory's parser refuses the bytes) or drops them (a response). For
-    /// the fuzz target and for measuring the hot path.
+    /// Answers one raw UDP query without a socket, exactly as
+    /// [`crate::DnsServer`] does (the fast path, else the hickory path):
+    /// `None` where the server sends nothing (fewer than 12 bytes, or a
+    /// response). For the fuzz target and tests.
     pub async fn answer_datagram(&self, query: Vec<u8>, src: SocketAddr) -> Option<Vec<u8>> {
-        let request = Request::from_bytes(query, src, Protocol::Udp).ok()?;
-        if request.metadata.message_type == MessageType::Response {
-            return None;
+        let mut fast = FastPath::new(self);
+        if let Some(answer) = fast.answer(&query) {
+            return Some(answer.to_vec());
         }
+        self.answer_datagram_hickory(query, src).await
+    }
+
+    /// As [`Self::answer_datagram`] through the hickory path only, never the
+    /// fast path: what the fast path's answers are compared with.
+    pub async fn answer_datagram_hickory(
+        &self,
+        query: Vec<u8>,
+        src: SocketAddr,
+    ) -> Option<Vec<u8>> {
         let buffer = AnswerBuffer::default();
-        self.handle_request::<_, TokioTime>(&request, buffer.clone())
-            .await;
+        self.serve_datagram(query, src, buffer.clone()).await;
         let answer = buffer
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         answer
+    }
+
+    /// One UDP datagram through hickory, as hickory's `Server` handles it:
+    /// under 12 bytes: dropped; a header but no parseable message: FORMERR
+    /// without a question; a response: dropped; else [`Self::handle_request`].
+    pub(crate) async fn serve_datagram<R: ResponseHandler>(
+        &self,
+        query: Vec<u8>,
+        src: SocketAddr,
+        response_handle: R,
+    ) {
+        let header = match Header::read(&mut BinDecoder::new(&query)) {
+            Ok(header) => header,
+            Err(_) => return,
+        };
+        let request = match Request::from_bytes(query, src, Protocol::Udp) {
+            Ok(request) => request,
+            Err(error) => {
+                DnsStats::count(&self.stats.rejected);
+                debug!(%src, id = header.metadata.id, %error, "DNS query rejected: cannot parse it");
+                let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                    return;
+                };
+                let response = MessageResponseBuilder::new(&queries, None)
+                    .error_msg(&header.metadata, ResponseCode::FormErr);
+                let mut response_handle = response_handle;
+                if let Err(error) = response_handle.send_response(response).await {
+                    debug!(%error, %src, "cannot send a DNS error answer");
+                }
+                return;
+            }
+        };
+        if request.metadata.message_type == MessageType::Response {
+            return;
+        }
+        self.handle_request::<_, TokioTime>(&request, response_handle)
+            .await;
     }
 
     fn reject(&self, code: ResponseCode, why: &str, request: &Request) {
@@ -146,11 +193,12 @@ impl DnsHandler {
                 let mut answers = Vec::with_capacity(2);
                 let query_type = query.query_type();
                 if let NameState::Alias(addrs) = state {
-                    if matches!(query_type, RecordType::A | RecordType::ANY) {
+                    if let (RecordType::A | RecordType::ANY, Some(ipv4)) = (query_type, addrs.ipv4)
+                    {
                         answers.push(Record::from_rdata(
                             owner.clone(),
                             RECORD_TTL_SECS,
-                            RData::A(A(addrs.ipv4)),
+                            RData::A(A(ipv4)),
                         ));
                     }
                     if let (RecordType::AAAA | RecordType::ANY, Some(ipv6)) =
@@ -252,6 +300,110 @@ impl DnsHandler {
     }
 }
 
+/// The UDP fast path of one receive loop: its buffers and its copy of the
+/// table (see [`crate::fast`]).
+pub(crate) struct FastPath {
+    cache: TableCache,
+    stats: Arc<DnsStats>,
+    recursion_available: bool,
+    name: [u8; 255],
+    answer: Vec<u8>,
+}
+
+impl FastPath {
+    pub(crate) fn new(handler: &DnsHandler) -> Self {
+        FastPath {
+            cache: TableCache::new(handler.records()),
+            stats: handler.stats.clone(),
+            recursion_available: !handler.upstream.is_empty(),
+            name: [0; 255],
+            answer: Vec::with_capacity(512),
+        }
+    }
+
+    /// The answer to `query` if the fast path knows it; `None`: ask the
+    /// hickory path.
+    pub(crate) fn answer(&mut self, query: &[u8]) -> Option<&[u8]> {
+        let parsed = fast::parse(query, &mut self.name)?;
+        let answered = fast::answer(
+            query,
+            &parsed,
+            &self.name,
+            self.cache.current(),
+            self.recursion_available,
+            EDNS_PAYLOAD,
+            &mut self.answer,
+        );
+        if !answered {
+            return None;
+        }
+        DnsStats::count(&self.stats.answered);
+        Some(&self.answer)
+    }
+}
+
+/// A `ResponseHandler` that sends the answer on a UDP socket, encoded as
+/// hickory's own UDP `ResponseHandle` does.
+#[derive(Clone)]
+pub(crate) struct UdpReply {
+    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) dst: SocketAddr,
+}
+
+#[async_trait::async_trait]
+impl ResponseHandler for UdpReply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let (info, bytes) = encode_udp(response)?;
+        self.socket.send_to(&bytes, self.dst).await?;
+        Ok(info)
+    }
+}
+
+/// Encodes an answer for UDP as hickory's `MessageResponse::encode` does:
+/// at most the answer's OPT payload size (512 without OPT), truncated with TC
+/// beyond it; an answer that cannot be encoded becomes a bare SERVFAIL.
+fn encode_udp<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let id = response.metadata().id;
+    let mut bytes = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(response.edns().map_or(512, Edns::max_payload));
+    let error = match response.destructive_emit(&mut encoder) {
+        Ok(info) => return Ok((info, bytes)),
+        Err(error) => error,
+    };
+    debug!(%error, id, "cannot encode a DNS answer, sending SERVFAIL");
+    bytes.clear();
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(512);
+    let mut metadata = Metadata::new(id, MessageType::Response, OpCode::Query);
+    metadata.response_code = ResponseCode::ServFail;
+    let header = Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    };
+    header.emit(&mut encoder)?;
+    Ok((ResponseInfo::from(header), bytes))
+}
+
 /// A `ResponseHandler` that keeps the encoded answer instead of sending it.
 #[derive(Clone, Default)]
 struct AnswerBuffer(Arc<Mutex<Option<Vec<u8>>>>);
@@ -269,11 +421,7 @@ impl ResponseHandler for AnswerBuffer {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        // hickory's UDP limit: the answer's OPT payload size, else 512.
-        encoder.set_max_size(response.edns().map_or(512, Edns::max_payload));
-        let info = response.destructive_emit(&mut encoder)?;
+        let (info, bytes) = encode_udp(response)?;
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes);
         Ok(info)
     }
@@ -684,6 +832,203 @@ mod tests {
         assert_eq!(edns.max_payload(), EDNS_PAYLOAD);
         assert_eq!(edns.version(), 0);
         assert_eq!(addresses(&answer), vec![API_V4.to_string()]);
+    }
+
+    /// A query in wire form with the name's case as given: `flags` is the
+    /// header's third and fourth byte, `opt` an OPT record (ARCOUNT 1).
+    fn wire(name: &str, qtype: u16, flags: u16, opt: Option<&[u8]>) -> Vec<u8> {
+        let mut packet = vec![0x5a, 0xa5];
+        packet.extend_from_slice(&flags.to_be_bytes());
+        packet.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
+        for label in name.split('.').filter(|label| !label.is_empty()) {
+            packet.push(label.len() as u8);
+            packet.extend_from_slice(label.as_bytes());
+        }
+        packet.extend_from_slice(&[0, (qtype >> 8) as u8, qtype as u8, 0, 1]);
+        packet.extend_from_slice(opt.unwrap_or_default());
+        packet
+    }
+
+    /// An OPT record: payload size, extended rcode, version, flags,
+    /// options.
+    fn opt(payload: u16, extended_rcode: u8, version: u8, flags: u16, options: &[u8]) -> Vec<u8> {
+        let mut record = vec![0, 0, 41];
+        record.extend_from_slice(&payload.to_be_bytes());
+        record.extend_from_slice(&[extended_rcode, version]);
+        record.extend_from_slice(&flags.to_be_bytes());
+        record.extend_from_slice(&(options.len() as u16).to_be_bytes());
+        record.extend_from_slice(options);
+        record
+    }
+
+    fn handler_with_v6_only_alias(upstream: Upstream) -> DnsHandler {
+        let mut table = RecordTable::new();
+        table
+            .insert("dev", "api", ListenerAddrs::v4(API_V4).with_ipv6(API_V6))
+            .unwrap();
+        table.insert("dev", "db", ListenerAddrs::v4(DB_V4)).unwrap();
+        table
+            .insert("dev", "six", ListenerAddrs::v6(API_V6))
+            .unwrap();
+        DnsHandler::new(Records::new(table), upstream)
+    }
+
+    /// The server's answer (fast path first) and the hickory path's answer
+    /// to the same bytes, and whether the fast path answered.
+    async fn both_paths(handler: &DnsHandler, packet: &[u8]) -> (bool, Option<Vec<u8>>) {
+        let src: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+        let fast = FastPath::new(handler).answer(packet).map(<[u8]>::to_vec);
+        let served = handler.answer_datagram(packet.to_vec(), src).await;
+        let hickory = handler.answer_datagram_hickory(packet.to_vec(), src).await;
+        if let Some(fast) = &fast {
+            assert_eq!(
+                Some(fast),
+                hickory.as_ref(),
+                "fast path and hickory differ for {packet:02x?}"
+            );
+        }
+        assert_eq!(served, hickory, "served answer differs for {packet:02x?}");
+        (fast.is_some(), hickory)
+    }
+
+    #[tokio::test]
+    async fn the_fast_path_answers_byte_for_byte_as_the_hickory_path() {
+        // With an upstream (RA set) and without; the upstream is never
+        // asked: every name here is under .gstacks or the fast path declines
+        // before forwarding is considered... except example.com, which the
+        // unreachable upstream answers with SERVFAIL.
+        let unreachable = Upstream::new(["127.0.0.1:9".parse().unwrap()])
+            .with_attempt_timeout(std::time::Duration::from_millis(50));
+        for handler in [
+            handler_with_v6_only_alias(Upstream::none()),
+            handler_with_v6_only_alias(unreachable),
+        ] {
+            let mut fast_answers = 0;
+            let options = opt(1232, 0, 0, 0, &[0, 10, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+            let opts: Vec<Option<Vec<u8>>> = vec![
+                None,
+                Some(opt(0, 0, 0, 0, &[])),
+                Some(opt(511, 0, 0, 0, &[])),
+                Some(opt(512, 0, 0, 0x8000, &[])),
+                Some(opt(1232, 0, 0, 0, &[])),
+                Some(opt(1233, 0, 0, 0x8000, &[])),
+                Some(opt(4096, 0, 0, 0x7fff, &[])),
+                Some(opt(65535, 0, 0, 0xffff, &[])),
+                Some(opt(4096, 1, 0, 0, &[])),
+                Some(opt(4096, 0, 1, 0, &[])),
+                Some(options),
+            ];
+            for name in [
+                "api.dev.gstacks",
+                "API.DEV.GSTACKS",
+                "aPi.dEv.GsTaCkS",
+                "db.dev.gstacks",
+                "six.dev.gstacks",
+                "web.dev.gstacks",
+                "dev.gstacks",
+                "gstacks",
+                "x.api.dev.gstacks",
+                "api.dev.gstacks.example",
+            ] {
+                for qtype in [1, 28, 255, 15, 6] {
+                    for opt in &opts {
+                        let packet = wire(name, qtype, 0x0100, opt.as_deref());
+                        if both_paths(&handler, &packet).await.0 {
+                            fast_answers += 1;
+                        }
+                    }
+                }
+            }
+            // api A, api AAAA, db A, six AAAA (three case variants of api),
+            // each without OPT and with the 7 OPT records the fast path
+            // takes (version 0, no extended rcode, no options).
+            assert_eq!(fast_answers, (3 * 2 + 2) * 8);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fast_path_copies_header_flags_as_the_hickory_path() {
+        let handler = handler_with_v6_only_alias(Upstream::none());
+        let edns = opt(4096, 0, 0, 0x8000, &[]);
+        let mut fast_answers = 0;
+        for flags in 0..=u16::MAX {
+            for opt in [None, Some(edns.as_slice())] {
+                let packet = wire("Api.dev.gstacks", 1, flags, opt);
+                let (fast, hickory) = both_paths(&handler, &packet).await;
+                if fast {
+                    fast_answers += 1;
+                }
+                // Responses are dropped, never answered.
+                if flags & 0x8000 != 0 {
+                    assert_eq!(hickory, None);
+                }
+            }
+        }
+        // QR 0 and opcode QUERY leave 11 bits: 2^11 flag words, each with
+        // and without OPT.
+        assert_eq!(fast_answers, 2 * 2048);
+    }
+
+    #[tokio::test]
+    async fn malformed_queries_are_refused_or_ignored_by_both_paths() {
+        let handler = handler_with_v6_only_alias(Upstream::none());
+        let good = wire("api.dev.gstacks", 1, 0x0100, None);
+        // Truncated anywhere: under 12 bytes nothing, else FORMERR.
+        for len in 0..good.len() {
+            let (fast, answer) = both_paths(&handler, &good[..len]).await;
+            assert!(!fast);
+            match answer {
+                None => assert!(len < 12, "no answer to {len} bytes"),
+                Some(answer) => {
+                    assert!(len >= 12);
+                    let answer = Message::from_vec(&answer).unwrap();
+                    assert_eq!(answer.metadata.response_code, ResponseCode::FormErr);
+                    assert!(answer.queries.is_empty());
+                }
+            }
+        }
+
+        let formerr = |packet: Vec<u8>, why: &'static str| async move {
+            let handler = handler_with_v6_only_alias(Upstream::none());
+            let (fast, answer) = both_paths(&handler, &packet).await;
+            assert!(!fast, "{why}");
+            let answer = Message::from_vec(&answer.expect(why)).unwrap();
+            assert_eq!(
+                answer.metadata.response_code,
+                ResponseCode::FormErr,
+                "{why}"
+            );
+            assert_eq!(answer.metadata.id, 0x5aa5, "{why}");
+        };
+        // A name that points at itself, and two names pointing at each other.
+        let mut looped = good[..12].to_vec();
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        formerr(looped, "pointer loop").await;
+        let mut mutual = good[..12].to_vec();
+        mutual.extend_from_slice(&[1, b'a', 0xc0, 16, 0xc0, 12, 0, 1, 0, 1]);
+        formerr(mutual, "mutual pointers").await;
+        // A name of 257 bytes in wire form.
+        let label = "a".repeat(63);
+        let long = format!("{label}.{label}.{label}.{label}");
+        formerr(wire(&long, 1, 0x0100, None), "oversized name").await;
+        // A label of 64 bytes (a reserved label type).
+        formerr(wire(&"a".repeat(64), 1, 0x0100, None), "oversized label").await;
+        // QDCOUNT 0 and 2 with one question in the bytes.
+        let mut none = good.clone();
+        none[5] = 0;
+        formerr(none, "QDCOUNT 0 with a question").await;
+        let mut two = good.clone();
+        two[5] = 2;
+        formerr(two, "QDCOUNT 2 with one question").await;
+        // QDCOUNT 0 and nothing else: a header only, parsed, no question.
+        let mut empty = good[..12].to_vec();
+        empty[5] = 0;
+        formerr(empty, "no question").await;
+        // Two whole questions.
+        let mut two = good.clone();
+        two[5] = 2;
+        two.extend_from_slice(&good[12..]);
+        formerr(two, "two questions").await;
     }
 
     /// Random and mutated packets: whatever hickory's parser lets through,

@@ -16,6 +16,7 @@
 //!   hickory's `Server`; the agent binds one per address it serves
 //!   (`127.0.0.1:1053`, and port 53 of the container-reachable address).
 
+mod fast;
 mod handler;
 mod records;
 mod server;
@@ -39,6 +40,8 @@ pub enum DnsError {
     },
     #[error("DNS record `{name}` is listed twice")]
     DuplicateRecord { name: String },
+    #[error("DNS record `{name}` has neither an IPv4 nor an IPv6 address")]
+    NoAddress { name: String },
     #[error("cannot bind the DNS UDP socket on {addr}: {source}")]
     BindUdp {
         addr: SocketAddr,

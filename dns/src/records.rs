@@ -6,7 +6,10 @@ use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
     str::FromStr,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, PoisonError, RwLock,
+    },
 };
 
 use hickory_proto::rr::{LowerName, Name};
@@ -16,24 +19,48 @@ use crate::DnsError;
 /// The zone the agent answers for itself; every other name is forwarded.
 pub const DNS_SUFFIX: &str = "gstacks";
 
-/// Where the local proxy listener of one alias listens.
+/// Where the local proxy listener of one alias listens: an IPv4 address, an
+/// IPv6 address, or both. A query for a type the listener has no address of
+/// gets an empty NOERROR answer (NODATA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ListenerAddrs {
-    pub ipv4: Ipv4Addr,
-    /// Only where the listener also has an IPv6 address; without it AAAA
-    /// queries for the name get an empty NOERROR answer.
+    pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
 }
 
 impl ListenerAddrs {
+    /// A listener on an IPv4 address only (A answers, AAAA is NODATA).
     pub fn v4(ipv4: Ipv4Addr) -> Self {
-        ListenerAddrs { ipv4, ipv6: None }
+        ListenerAddrs {
+            ipv4: Some(ipv4),
+            ipv6: None,
+        }
+    }
+
+    /// A listener on an IPv6 address only (AAAA answers, A is NODATA).
+    pub fn v6(ipv6: Ipv6Addr) -> Self {
+        ListenerAddrs {
+            ipv4: None,
+            ipv6: Some(ipv6),
+        }
     }
 
     pub fn with_ipv6(self, ipv6: Ipv6Addr) -> Self {
         ListenerAddrs {
             ipv6: Some(ipv6),
             ..self
+        }
+    }
+}
+
+impl fmt::Display for ListenerAddrs {
+    /// `127.77.0.1`, `fd00::1`, or `127.77.0.1, fd00::1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ipv4, self.ipv6) {
+            (Some(v4), Some(v6)) => write!(f, "{v4}, {v6}"),
+            (Some(v4), None) => write!(f, "{v4}"),
+            (None, Some(v6)) => write!(f, "{v6}"),
+            (None, None) => f.write_str("no address"),
         }
     }
 }
@@ -55,6 +82,9 @@ pub(crate) enum NameState {
 #[derive(Clone)]
 pub struct RecordTable {
     aliases: HashMap<LowerName, ListenerAddrs>,
+    /// The same records keyed by their lower-case wire form
+    /// (`\x03api\x03dev\x07gstacks\x00`), for the UDP fast path.
+    wire: HashMap<Box<[u8]>, ListenerAddrs>,
     interior: HashSet<LowerName>,
     apex: LowerName,
     serial: u32,
@@ -84,6 +114,7 @@ impl RecordTable {
         interior.insert(apex.clone());
         RecordTable {
             aliases: HashMap::new(),
+            wire: HashMap::new(),
             interior,
             apex,
             serial: 0,
@@ -112,8 +143,21 @@ impl RecordTable {
                 name: text.trim_end_matches('.').to_string(),
             });
         }
+        if addrs.ipv4.is_none() && addrs.ipv6.is_none() {
+            return Err(DnsError::NoAddress {
+                name: text.trim_end_matches('.').to_string(),
+            });
+        }
+        let mut wire = Vec::with_capacity(text.len() + 1);
+        for label in text.trim_end_matches('.').split('.') {
+            // Labels are validated above: 1 to 63 ASCII bytes each.
+            wire.push(label.len() as u8);
+            wire.extend_from_slice(label.as_bytes());
+        }
+        wire.push(0);
         self.interior.insert(name.base_name());
         self.aliases.insert(name, addrs);
+        self.wire.insert(wire.into_boxed_slice(), addrs);
         Ok(())
     }
 
@@ -150,6 +194,11 @@ impl RecordTable {
             }
             (text, *addrs)
         })
+    }
+
+    /// The record of a name in lower-case wire form (see `wire`).
+    pub(crate) fn lookup_wire(&self, name: &[u8]) -> Option<ListenerAddrs> {
+        self.wire.get(name).copied()
     }
 
     /// True for `gstacks.` and every name below it.
@@ -214,6 +263,9 @@ fn validate_label(kind: &'static str, label: &str) -> Result<(), DnsError> {
 #[derive(Clone, Default)]
 pub struct Records {
     current: Arc<RwLock<Arc<RecordTable>>>,
+    /// Counts replacements, so that a [`TableCache`] can tell with one atomic
+    /// load that its table is still current.
+    generation: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Records {
@@ -226,6 +278,7 @@ impl Records {
     pub fn new(table: RecordTable) -> Self {
         Records {
             current: Arc::new(RwLock::new(Arc::new(table))),
+            generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -242,7 +295,9 @@ impl Records {
     pub fn replace(&self, mut table: RecordTable) -> Arc<RecordTable> {
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         table.serial = current.serial.wrapping_add(1);
-        std::mem::replace(&mut *current, Arc::new(table))
+        let previous = std::mem::replace(&mut *current, Arc::new(table));
+        self.generation.fetch_add(1, Ordering::Release);
+        previous
     }
 
     /// Shortcut for `snapshot().lookup(name)`.
@@ -258,6 +313,36 @@ impl Records {
 
     pub fn is_empty(&self) -> bool {
         self.snapshot().is_empty()
+    }
+}
+
+/// One reader's copy of the current table (a UDP receive task keeps one):
+/// [`TableCache::current`] costs one atomic load while the table is
+/// unchanged, and takes the read lock only after a replacement.
+pub(crate) struct TableCache {
+    records: Records,
+    generation: u64,
+    table: Arc<RecordTable>,
+}
+
+impl TableCache {
+    pub(crate) fn new(records: &Records) -> Self {
+        let generation = records.generation.load(Ordering::Acquire);
+        TableCache {
+            records: records.clone(),
+            generation,
+            table: records.snapshot(),
+        }
+    }
+
+    pub(crate) fn current(&mut self) -> &Arc<RecordTable> {
+        let generation = self.records.generation.load(Ordering::Acquire);
+        if generation != self.generation {
+            // A replacement racing with this load is seen by the next call.
+            self.table = self.records.snapshot();
+            self.generation = generation;
+        }
+        &self.table
     }
 }
 

@@ -1,14 +1,27 @@
-//! One address served over UDP and TCP by hickory's `Server` with a
-//! [`DnsHandler`].
+//! One address served over UDP and TCP with a [`DnsHandler`]: TCP by
+//! hickory's `Server`, UDP by receive loops of our own that answer what the
+//! fast path knows inline and hand every other datagram to the handler as
+//! hickory's `Server` would.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use hickory_server::Server;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    task::JoinSet,
+};
 use tracing::{debug, info, warn};
 
-use crate::{DnsError, DnsHandler, DnsStats, Records, Upstream};
+use crate::{
+    handler::{FastPath, UdpReply},
+    DnsError, DnsHandler, DnsStats, Records, Upstream,
+};
 
 /// A TCP client that sends nothing for this long is disconnected.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,9 +36,19 @@ const EPHEMERAL_ATTEMPTS: usize = 16;
 /// burst of queries waits there instead of being dropped.
 const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 
+/// Largest datagram read (longer ones are cut, as hickory's `UdpStream`
+/// does).
+const UDP_MAX_DATAGRAM: usize = 4096;
+
+/// Receive loops on the one UDP socket: one per core, at most this many.
+const UDP_MAX_LOOPS: usize = 4;
+
 /// The agent DNS on one address, UDP and TCP on the same port.
 pub struct DnsServer {
+    /// TCP.
     server: Server<DnsHandler>,
+    /// The UDP receive loops; they end only on an unrecoverable socket error.
+    udp: JoinSet<Result<(), DnsError>>,
     local_addr: SocketAddr,
     handler: DnsHandler,
 }
@@ -66,11 +89,19 @@ impl DnsServer {
             warn!(%local_addr, "agent DNS has no upstream server: names outside .gstacks get SERVFAIL");
         }
         let mut server = Server::new(handler.clone());
-        server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        info!(%local_addr, upstream = ?handler.upstream().servers(), "agent DNS serving");
+        let udp = Arc::new(udp);
+        let loops = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(UDP_MAX_LOOPS);
+        let mut udp_loops = JoinSet::new();
+        for _ in 0..loops {
+            udp_loops.spawn(serve_udp(udp.clone(), handler.clone(), local_addr));
+        }
+        info!(%local_addr, upstream = ?handler.upstream().servers(), udp_loops = loops, "agent DNS serving");
         Ok(DnsServer {
             server,
+            udp: udp_loops,
             local_addr,
             handler,
         })
@@ -92,6 +123,8 @@ impl DnsServer {
     /// Stops accepting queries and waits until both sockets are closed.
     pub async fn shutdown(mut self) -> Result<(), DnsError> {
         let addr = self.local_addr;
+        self.udp.abort_all();
+        while self.udp.join_next().await.is_some() {}
         self.server
             .shutdown_gracefully()
             .await
@@ -104,14 +137,88 @@ impl DnsServer {
     /// Runs until a socket fails (it never ends by itself otherwise).
     pub async fn wait(mut self) -> Result<(), DnsError> {
         let addr = self.local_addr;
-        self.server
-            .block_until_done()
-            .await
-            .map_err(|error| DnsError::Serve {
+        let result = tokio::select! {
+            tcp = self.server.block_until_done() => tcp.map_err(|error| DnsError::Serve {
                 addr,
                 message: error.to_string(),
-            })
+            }),
+            Some(udp) = self.udp.join_next() => match udp {
+                Ok(result) => result,
+                Err(error) => Err(DnsError::Serve {
+                    addr,
+                    message: format!("UDP receive loop: {error}"),
+                }),
+            },
+        };
+        self.udp.abort_all();
+        result
     }
+}
+
+/// One UDP receive loop (several share the socket): a query the fast path
+/// knows is answered inline; any other datagram goes to the hickory handler
+/// in a task of its own (it may wait for an upstream server), as hickory's
+/// `Server` does with every datagram.
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    handler: DnsHandler,
+    addr: SocketAddr,
+) -> Result<(), DnsError> {
+    let mut fast = FastPath::new(&handler);
+    let mut buf = vec![0; UDP_MAX_DATAGRAM];
+    let mut slow = JoinSet::new();
+    loop {
+        let (len, src) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) if is_unrecoverable(&error) => {
+                return Err(DnsError::Serve {
+                    addr,
+                    message: format!("UDP socket: {error}"),
+                });
+            }
+            Err(error) => {
+                debug!(%error, %addr, "error receiving on the DNS UDP socket");
+                continue;
+            }
+        };
+        if !can_answer(src) {
+            debug!(%src, "DNS query from an address that cannot be answered");
+            continue;
+        }
+        let query = &buf[..len];
+        if let Some(answer) = fast.answer(query) {
+            if let Err(error) = socket.send_to(answer, src).await {
+                debug!(%error, %src, "cannot send the DNS answer");
+            }
+            continue;
+        }
+        let reply = UdpReply {
+            socket: socket.clone(),
+            dst: src,
+        };
+        let handler = handler.clone();
+        let query = query.to_vec();
+        slow.spawn(async move { handler.serve_datagram(query, src, reply).await });
+        while slow.try_join_next().is_some() {}
+    }
+}
+
+/// hickory's rule: no answer to port 0 or an unspecified or broadcast
+/// address.
+fn can_answer(src: SocketAddr) -> bool {
+    src.port() != 0
+        && match src.ip() {
+            IpAddr::V4(ip) => !ip.is_unspecified() && !ip.is_broadcast(),
+            IpAddr::V6(ip) => !ip.is_unspecified(),
+        }
+}
+
+/// hickory's rule for giving up on a socket.
+fn is_unrecoverable(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotConnected | io::ErrorKind::ConnectionAborted
+    )
 }
 
 async fn bind_sockets(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
