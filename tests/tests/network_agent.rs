@@ -5,7 +5,7 @@
 //! server standing in for the sandbox, denials (counted and reported), live
 //! policy and alias changes, and the target refusing forged source claims.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -325,9 +325,22 @@ fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 
 /// (rcode, IPv4 addresses of the A answers).
 async fn resolve_a(server: SocketAddr, name: &str) -> (u8, Vec<Ipv4Addr>) {
+    let (rcode, addrs) = resolve(server, name, 1).await;
+    let v4 = addrs
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    (rcode, v4)
+}
+
+/// (rcode, addresses of the A and AAAA answers) to a query of `qtype`.
+async fn resolve(server: SocketAddr, name: &str, qtype: u16) -> (u8, Vec<IpAddr>) {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     socket
-        .send_to(&dns_query(0x4242, name, 1), server)
+        .send_to(&dns_query(0x4242, name, qtype), server)
         .await
         .unwrap();
     let mut buf = [0u8; 1500];
@@ -335,7 +348,7 @@ async fn resolve_a(server: SocketAddr, name: &str) -> (u8, Vec<Ipv4Addr>) {
         .await
         .expect("a DNS answer")
         .unwrap();
-    parse_a(&buf[..n])
+    parse_answers(&buf[..n])
 }
 
 /// As [`resolve_a`], blocking (for a thread inside a namespace).
@@ -349,6 +362,18 @@ fn resolve_a_blocking(server: SocketAddr, name: &str) -> (u8, Vec<Ipv4Addr>) {
 }
 
 fn parse_a(msg: &[u8]) -> (u8, Vec<Ipv4Addr>) {
+    let (rcode, addrs) = parse_answers(msg);
+    let v4 = addrs
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    (rcode, v4)
+}
+
+fn parse_answers(msg: &[u8]) -> (u8, Vec<IpAddr>) {
     assert_eq!(&msg[..2], &0x4242u16.to_be_bytes());
     let rcode = msg[3] & 0x0f;
     let answers = u16::from_be_bytes([msg[6], msg[7]]);
@@ -373,12 +398,12 @@ fn parse_a(msg: &[u8]) -> (u8, Vec<Ipv4Addr>) {
         let len = u16::from_be_bytes([msg[at + 8], msg[at + 9]]) as usize;
         at += 10;
         if rtype == 1 && len == 4 {
-            out.push(Ipv4Addr::new(
-                msg[at],
-                msg[at + 1],
-                msg[at + 2],
-                msg[at + 3],
-            ));
+            let octets: [u8; 4] = msg[at..at + 4].try_into().unwrap();
+            out.push(IpAddr::from(octets));
+        }
+        if rtype == 28 && len == 16 {
+            let octets: [u8; 16] = msg[at..at + 16].try_into().unwrap();
+            out.push(IpAddr::from(octets));
         }
         at += len;
     }
@@ -462,6 +487,40 @@ async fn dns_answers_and_a_sandbox_reaches_another_over_the_mesh() {
     assert_eq!(b.network.stats().mesh_allowed.load(Ordering::Relaxed), 1);
     a.stop().await;
     b.stop().await;
+}
+
+/// A proxy bind that names an IPv6 address: the alias listens there and the
+/// agent DNS answers AAAA with it, A with no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_proxy_bind_is_published_as_aaaa() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return;
+    };
+    let api_port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let a = TestAgent::start_with("h1", Ipv4Addr::new(100, 64, 0, 1), "127.89.1.0/24", |s| {
+        s.proxy_bind = ProxyBind::Single(IpAddr::V6(Ipv6Addr::LOCALHOST));
+    })
+    .await;
+    a.join().await;
+    let world = World {
+        version: 2,
+        web_addr: Ipv4Addr::new(127, 99, 0, 11),
+        api_addr: Ipv4Addr::new(127, 99, 0, 12),
+        api_port,
+        rules: vec![],
+        extra_aliases: vec![],
+    };
+    a.apply(world.netmap_for(&a, vec![], &[&a])).await;
+    let listener = a.network.listener_addr("dev", "api", api_port).unwrap();
+    assert_eq!(listener.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+    let dns = a.network.dns_addr().unwrap();
+    let (rcode, addrs) = resolve(dns, "api.dev.gstacks", 28).await;
+    assert_eq!((rcode, addrs), (0, vec![listener.ip()]));
+    let (rcode, addrs) = resolve(dns, "api.dev.gstacks", 1).await;
+    assert_eq!((rcode, addrs.len()), (0, 0), "NODATA for A");
+    a.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

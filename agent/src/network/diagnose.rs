@@ -162,7 +162,7 @@ async fn diagnose(
             true,
             format!(
                 "{name} -> {} on the agent DNS {dns} ({} records loaded)",
-                addrs.ipv4,
+                addrs,
                 shared.loopback_records.len()
             ),
         ),

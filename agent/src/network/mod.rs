@@ -685,11 +685,14 @@ impl Applier {
                         IpAddr::V6(v6) => Some(*v6),
                         IpAddr::V4(_) => None,
                     });
-                    let Some(v4) = v4 else { continue };
-                    let mut listener = dns::ListenerAddrs::v4(v4);
-                    if let Some(v6) = v6 {
-                        listener = listener.with_ipv6(v6);
-                    }
+                    // A for an IPv4 listener, AAAA for an IPv6 one (a
+                    // proxy bind that names IPv6 addresses).
+                    let listener = match (v4, v6) {
+                        (Some(v4), Some(v6)) => dns::ListenerAddrs::v4(v4).with_ipv6(v6),
+                        (Some(v4), None) => dns::ListenerAddrs::v4(v4),
+                        (None, Some(v6)) => dns::ListenerAddrs::v6(v6),
+                        (None, None) => continue,
+                    };
                     if let Err(e) = table.insert(network, alias, listener) {
                         tracing::warn!("DNS record for {alias}.{network}: {e}");
                     }
