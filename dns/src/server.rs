@@ -1,6 +1,6 @@
 //! One address served over UDP and TCP with a [`DnsHandler`]: TCP by
-//! hickory's `Server`, UDP by receive loops of our own that answer what the
-//! fast path knows inline and hand every other datagram to the handler as
+//! hickory's `Server`, UDP by a receive loop of our own that answers what the
+//! fast path knows inline and hands every other datagram to the handler as
 //! hickory's `Server` would.
 
 use std::{
@@ -40,14 +40,13 @@ const UDP_RECEIVE_BUFFER: usize = 4 << 20;
 /// does).
 const UDP_MAX_DATAGRAM: usize = 4096;
 
-/// Receive loops on the one UDP socket: one per core, at most this many.
-const UDP_MAX_LOOPS: usize = 4;
-
 /// The agent DNS on one address, UDP and TCP on the same port.
 pub struct DnsServer {
     /// TCP.
     server: Server<DnsHandler>,
-    /// The UDP receive loops; they end only on an unrecoverable socket error.
+    /// The UDP receive loop (one: several on one socket all wake for each
+    /// datagram, which cost more CPU per query than they gained); it ends
+    /// only on an unrecoverable socket error.
     udp: JoinSet<Result<(), DnsError>>,
     local_addr: SocketAddr,
     handler: DnsHandler,
@@ -90,15 +89,9 @@ impl DnsServer {
         }
         let mut server = Server::new(handler.clone());
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-        let udp = Arc::new(udp);
-        let loops = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(UDP_MAX_LOOPS);
         let mut udp_loops = JoinSet::new();
-        for _ in 0..loops {
-            udp_loops.spawn(serve_udp(udp.clone(), handler.clone(), local_addr));
-        }
-        info!(%local_addr, upstream = ?handler.upstream().servers(), udp_loops = loops, "agent DNS serving");
+        udp_loops.spawn(serve_udp(Arc::new(udp), handler.clone(), local_addr));
+        info!(%local_addr, upstream = ?handler.upstream().servers(), "agent DNS serving");
         Ok(DnsServer {
             server,
             udp: udp_loops,
@@ -155,8 +148,7 @@ impl DnsServer {
     }
 }
 
-/// One UDP receive loop (several share the socket): a query the fast path
-/// knows is answered inline; any other datagram goes to the hickory handler
+/// The UDP receive loop: a query the fast path knows is answered inline; any other datagram goes to the hickory handler
 /// in a task of its own (it may wait for an upstream server), as hickory's
 /// `Server` does with every datagram.
 async fn serve_udp(
