@@ -397,10 +397,13 @@ impl Node {
             Ok(Packet::PacketCookieReply(p)) => tunnel::slot_of_receiver_index(p.receiver_idx),
             Ok(Packet::PacketData(p)) => tunnel::slot_of_receiver_index(p.receiver_idx),
         };
+        let kind = bytes[0];
         let Some(peer) = self.peers.get_mut(&slot) else {
+            if kind == tunnel::MSG_DATA {
+                self.handshake_for_stale_session(now, from);
+            }
             return self.drops.add(DropReason::UnknownIndex);
         };
-        let kind = bytes[0];
         // Decrypt straight into a packet buffer for the stack (plaintext is
         // never longer than the datagram).
         let mut plain = self.device.buffer(bytes.len().max(tunnel::MIN_DST));
@@ -411,6 +414,7 @@ impl Node {
         // message arrived), send them. Not after merely answering an
         // initiation: boringtun would start a handshake of its own.
         let flush = received.authenticated(kind) && (kind == 2 || kind == 4);
+        let mut stale = false;
         if received.authenticated(kind) && peer.endpoint != Some(from) {
             // Roaming: follow the peer to where its authenticated packets come from.
             tracing::debug!(peer = %peer.config.public_key, %from, "peer endpoint changed");
@@ -438,7 +442,14 @@ impl Node {
                 });
             }
             Received::Nothing => {}
-            Received::Dropped(reason) => peer.drops.add(reason),
+            Received::Dropped(reason) => {
+                stale = kind == tunnel::MSG_DATA
+                    && matches!(
+                        reason,
+                        DropReason::NoSession | DropReason::UnexpectedMessage
+                    );
+                peer.drops.add(reason);
+            }
         }
         if plain.capacity() > 0 {
             self.device.recycle(plain);
@@ -451,6 +462,26 @@ impl Node {
                         contents: out.to_vec(),
                     });
                 }
+            }
+        }
+        if stale {
+            self.handshake_for_stale_session(now, from);
+        }
+    }
+
+    /// Transport data from `from` that no session of ours can decrypt: if
+    /// `from` is a peer's endpoint, that peer still uses a session this node
+    /// lost (e.g. it restarted): handshake with it now (the timer sends the
+    /// initiation) rather than leave the path dead until the peer's 15 s
+    /// silence timer.
+    fn handshake_for_stale_session(&mut self, now: Instant, from: SocketAddr) {
+        if let Some(peer) = self
+            .peers
+            .values_mut()
+            .find(|peer| peer.endpoint == Some(from))
+        {
+            if peer.tunnel.handshake_for_stale_session(now) {
+                tracing::debug!(peer = %peer.config.public_key, %from, "data on a session we do not have: handshake");
             }
         }
     }

@@ -47,7 +47,7 @@ pub(crate) const MIN_DST: usize = 148;
 const MSG_INIT: u8 = 1;
 const MSG_RESPONSE: u8 = 2;
 const MSG_COOKIE: u8 = 3;
-const MSG_DATA: u8 = 4;
+pub(crate) const MSG_DATA: u8 = 4;
 
 /// The first byte of a WireGuard message (the rest of the type word is zero).
 fn message_type(bytes: &[u8]) -> u8 {
@@ -172,6 +172,9 @@ pub(crate) struct Tunnel {
     pub(crate) last_handshake: Option<Instant>,
     /// We answered an initiation; no transport message has confirmed it yet.
     unconfirmed: bool,
+    /// When transport data we could not decrypt last started a handshake
+    /// (see [`Tunnel::handshake_for_stale_session`]).
+    stale_kick: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -233,6 +236,7 @@ impl Tunnel {
             tx_bytes: 0,
             last_handshake: None,
             unconfirmed: false,
+            stale_kick: None,
         }
     }
 
@@ -360,6 +364,25 @@ impl Tunnel {
             TunnResult::Err(e) => Err(drop_reason(&e)),
             _ => Ok(None),
         }
+    }
+
+    /// The peer sent transport data on a session this side does not have
+    /// (this node restarted, or erased the keys): it will keep using that
+    /// session until its KEEPALIVE + REKEY_TIMEOUT silence timer runs out
+    /// (15 s). Start a handshake now instead, unless one is under way; at
+    /// most once per REKEY_TIMEOUT, so forged packets cannot make a storm.
+    /// Returns whether a handshake was started.
+    pub(crate) fn handshake_for_stale_session(&mut self, now: Instant) -> bool {
+        if self.attempt_started.is_some()
+            || self
+                .stale_kick
+                .is_some_and(|t| now.saturating_duration_since(t) < REKEY_TIMEOUT)
+        {
+            return false;
+        }
+        self.stale_kick = Some(now);
+        self.attempt_due_now(now);
+        true
     }
 
     fn attempt_due_now(&mut self, now: Instant) {
