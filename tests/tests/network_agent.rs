@@ -1042,3 +1042,71 @@ async fn a_flood_of_refused_connections_leaves_the_listener_serving() {
     a.stop().await;
     b.stop().await;
 }
+
+/// More allowed connections than one alias listener serves at once
+/// (`MAX_CONNECTIONS_PER_LISTENER`, 1,024, in the agent's private
+/// `listeners` module): the extra one waits in the kernel backlog, neither
+/// refused nor served, and is served as soon as an earlier one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_listener_limit_waits_and_is_served_in_turn() {
+    const LIMIT: usize = 1024;
+    let (a, b, world) = two_agents(8).await;
+    let listener = a
+        .network
+        .listener_addr("dev", "api", world.api_port)
+        .unwrap();
+    let mut open = Vec::with_capacity(LIMIT);
+    for _ in 0..LIMIT {
+        let mut stream = connect_from(world.web_addr, listener).await.unwrap();
+        stream.write_all(b"p").await.unwrap();
+        let mut one = [0u8; 1];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut one))
+            .await
+            .expect("served within the deadline")
+            .unwrap();
+        open.push(stream);
+    }
+    assert_eq!(
+        a.network.stats().allowed.load(Ordering::Relaxed),
+        LIMIT as u64
+    );
+    // One more: the kernel completes its handshake, the agent does not take
+    // it while every slot is held.
+    let mut extra = connect_from(world.web_addr, listener).await.unwrap();
+    extra.write_all(b"x").await.unwrap();
+    // Round trips on served connections: the agent is alive and busy (an
+    // unbounded listener would have admitted the extra one meanwhile).
+    let mut one = [0u8; 1];
+    for stream in open.iter_mut().take(10) {
+        stream.write_all(b"q").await.unwrap();
+        tokio::time::timeout(WAIT, stream.read_exact(&mut one))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        a.network.stats().allowed.load(Ordering::Relaxed),
+        LIMIT as u64
+    );
+    let mut nothing = [0u8; 1];
+    assert!(
+        matches!(extra.try_read(&mut nothing), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the connection beyond the limit was served or closed"
+    );
+    // One ends: the waiting one is taken and served.
+    drop(open.pop());
+    tokio::time::timeout(WAIT, extra.read_exact(&mut one))
+        .await
+        .expect("served once a slot was free")
+        .unwrap();
+    assert_eq!(&one, b"x");
+    assert_eq!(
+        a.network.stats().allowed.load(Ordering::Relaxed),
+        LIMIT as u64 + 1
+    );
+    assert_eq!(a.network.stats().denied.load(Ordering::Relaxed), 0);
+    drop(open);
+    drop(extra);
+    a.stop().await;
+    b.stop().await;
+}
