@@ -40,6 +40,12 @@ pub const MESH_ENDPOINT: &str = "GLOBALSTACKS_AGENT_MESH_ENDPOINT";
 pub const MESH_CONTAINER_ADDR: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR";
 /// Where container-side alias listeners bind (a range or one address).
 pub const MESH_CONTAINER_PROXY_BIND: &str = "GLOBALSTACKS_AGENT_MESH_CONTAINER_PROXY_BIND";
+/// Connections one alias listener serves at once (default 1024); more wait
+/// in the kernel backlog.
+pub const MESH_MAX_LISTENER_CONNECTIONS: &str = "GLOBALSTACKS_AGENT_MESH_MAX_LISTENER_CONNECTIONS";
+/// Mesh connections the target side (overlay port 4180) serves at once
+/// (default 4096); more wait in the mesh listener's backlog.
+pub const MESH_MAX_MESH_CONNECTIONS: &str = "GLOBALSTACKS_AGENT_MESH_MAX_MESH_CONNECTIONS";
 /// Written as `io.globalstacks.scope` on every sandbox container (default:
 /// the machine id).
 pub const RUNTIME_SCOPE: &str = "GLOBALSTACKS_AGENT_RUNTIME_SCOPE";
@@ -71,6 +77,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     MESH_ENDPOINT,
     MESH_CONTAINER_ADDR,
     MESH_CONTAINER_PROXY_BIND,
+    MESH_MAX_LISTENER_CONNECTIONS,
+    MESH_MAX_MESH_CONNECTIONS,
     RUNTIME_SCOPE,
     DOCKER_NETWORK,
     DOCKER_SUBNET,

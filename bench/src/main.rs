@@ -33,6 +33,11 @@ enum BenchCommand {
     /// The laptop path: `gstacks mesh forward` (control plane, agent and
     /// CLI, all real) beside direct loopback TCP.
     Forward(scenario::forward::Options),
+    /// The agent-to-agent path (alias listener -> policy -> mesh -> target
+    /// agent, real agents) beside loopback and the raw mesh, with the agent
+    /// DNS beside dnsmasq and the policy decision rate, against issue 6's
+    /// targets.
+    Proxy(scenario::proxy::Options),
     /// (internal) Hold idle connections open for the memory figure.
     #[command(hide = true)]
     HoldIdle(scenario::netstack::HoldIdle),
@@ -47,30 +52,22 @@ fn main() -> ExitCode {
                 "{}",
                 results.table(scenario::netstack::SCENARIO, &scenario::netstack::METRICS)
             );
-            if let Some(path) = &options.json {
-                std::fs::write(path, results.to_json() + "\n")
-                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
-            }
-            Ok(())
+            write_json(options.json.as_deref(), &results)
         }),
         BenchCommand::Dns(options) => scenario::dns::run(&options).and_then(|results| {
             println!("{}", scenario::dns::table(&results));
-            if let Some(path) = &options.json {
-                std::fs::write(path, results.to_json() + "\n")
-                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
-            }
-            Ok(())
+            write_json(options.json.as_deref(), &results)
         }),
         BenchCommand::Forward(options) => scenario::forward::run(&options).and_then(|results| {
             println!(
                 "{}",
                 results.table(scenario::forward::SCENARIO, &scenario::forward::METRICS)
             );
-            if let Some(path) = &options.json {
-                std::fs::write(path, results.to_json() + "\n")
-                    .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
-            }
-            Ok(())
+            write_json(options.json.as_deref(), &results)
+        }),
+        BenchCommand::Proxy(options) => scenario::proxy::run(&options).and_then(|results| {
+            println!("{}", scenario::proxy::table(&results));
+            write_json(options.json.as_deref(), &results)
         }),
         BenchCommand::HoldIdle(args) => scenario::netstack::hold_idle(&args),
     };
@@ -81,6 +78,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn write_json(path: Option<&std::path::Path>, results: &results::Results) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, results.to_json() + "\n")
+            .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn run_control(options: &scenario::control::Options) -> anyhow::Result<()> {

@@ -53,6 +53,7 @@ pub enum Metric {
     #[serde(rename = "rss_10k_idle")]
     Rss10kIdle,
     DnsQps,
+    PolicyDecisionsPerS,
 }
 
 impl Metric {
@@ -65,6 +66,7 @@ impl Metric {
             Metric::ConnectRate => "connect_rate",
             Metric::Rss10kIdle => "rss_10k_idle",
             Metric::DnsQps => "dns_qps",
+            Metric::PolicyDecisionsPerS => "policy_decisions_per_s",
         }
     }
 
@@ -74,7 +76,7 @@ impl Metric {
             Metric::RttP50 | Metric::RttP99 => "us",
             Metric::ConnectRate => "1/s",
             Metric::Rss10kIdle => "MiB",
-            Metric::DnsQps => "1/s",
+            Metric::DnsQps | Metric::PolicyDecisionsPerS => "1/s",
         }
     }
 }
@@ -131,6 +133,13 @@ impl Results {
             metric,
             reason: reason.into(),
         });
+    }
+
+    /// Takes over the figures and gaps of another run (another scenario
+    /// measured as part of this one).
+    pub fn extend(&mut self, other: Results) {
+        self.results.extend(other.results);
+        self.unavailable.extend(other.unavailable);
     }
 
     pub fn get(&self, scenario: &str, system: System, metric: Metric) -> Option<f64> {
@@ -230,6 +239,8 @@ mod tests {
             Metric::RttP99,
             Metric::ConnectRate,
             Metric::Rss10kIdle,
+            Metric::DnsQps,
+            Metric::PolicyDecisionsPerS,
         ] {
             assert_eq!(
                 serde_json::to_value(metric).unwrap(),

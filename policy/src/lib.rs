@@ -8,6 +8,7 @@
 use std::fmt;
 
 mod model;
+pub mod sample;
 
 pub use model::{validate_label, validate_port, ModelError};
 
@@ -233,28 +234,68 @@ pub struct Destination<'a> {
     pub exposed_ports: Option<&'a [u16]>,
 }
 
+/// The decision without its explanation: which rule allowed the connection
+/// (its index in the rules), or the kind of denial. Made without allocating;
+/// [`Verdict::explain`] turns it into the [`Decision`] that names the rule or
+/// the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed by `rules[index]`.
+    Allow(usize),
+    NoMatchingRule,
+    UnknownAlias,
+    PortNotExposed,
+}
+
+impl Verdict {
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Verdict::Allow(_))
+    }
+
+    /// The explained [`Decision`]; `rules` and `dest` must be those the
+    /// verdict was made with.
+    pub fn explain(self, rules: &[Rule], dest: Destination<'_>) -> Decision {
+        match self {
+            Verdict::Allow(index) => match rules.get(index) {
+                Some(rule) => Decision::Allow {
+                    rule_id: rule.id.clone(),
+                },
+                // Only with rules other than the verdict's: say no rule.
+                None => Decision::Deny(DenyReason::NoMatchingRule),
+            },
+            Verdict::NoMatchingRule => Decision::Deny(DenyReason::NoMatchingRule),
+            Verdict::UnknownAlias => Decision::Deny(DenyReason::UnknownAlias),
+            Verdict::PortNotExposed => Decision::Deny(DenyReason::PortNotExposed {
+                exposed: dest.exposed_ports.unwrap_or_default().to_vec(),
+            }),
+        }
+    }
+}
+
+/// The fast half of [`decide`]: the same outcome, without the explanation.
+/// The first matching rule in order wins; without one the answer is deny.
+pub fn verdict(rules: &[Rule], source: &Source, dest: Destination<'_>) -> Verdict {
+    let Some(exposed) = dest.exposed_ports else {
+        return Verdict::UnknownAlias;
+    };
+    if !exposed.contains(&dest.port) {
+        return Verdict::PortNotExposed;
+    }
+    // Cheapest test first: the port, then the target alias, then the source.
+    rules
+        .iter()
+        .position(|rule| {
+            rule.port.is_none_or(|p| p == dest.port)
+                && rule.to.matches(dest.alias)
+                && rule.from.matches(source)
+        })
+        .map_or(Verdict::NoMatchingRule, Verdict::Allow)
+}
+
 /// Decides whether `source` may connect to `dest`, given the network's rules.
 /// The first matching rule in order wins; without one the answer is deny.
 pub fn decide(rules: &[Rule], source: &Source, dest: Destination<'_>) -> Decision {
-    let Some(exposed) = dest.exposed_ports else {
-        return Decision::Deny(DenyReason::UnknownAlias);
-    };
-    if !exposed.contains(&dest.port) {
-        return Decision::Deny(DenyReason::PortNotExposed {
-            exposed: exposed.to_vec(),
-        });
-    }
-    rules
-        .iter()
-        .find(|rule| {
-            rule.from.matches(source)
-                && rule.to.matches(dest.alias)
-                && rule.port.is_none_or(|p| p == dest.port)
-        })
-        .map(|rule| Decision::Allow {
-            rule_id: rule.id.clone(),
-        })
-        .unwrap_or(Decision::Deny(DenyReason::NoMatchingRule))
+    verdict(rules, source, dest).explain(rules, dest)
 }
 
 #[cfg(test)]

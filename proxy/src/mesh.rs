@@ -41,8 +41,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the source agent waits for the target's answer (which comes
 /// after the target has connected to the sandbox).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
-/// Mesh connections one acceptor serves at once; further ones wait in the
-/// listener's backlog.
+/// The default of the mesh connections one acceptor serves at once
+/// (the agent's `GLOBALSTACKS_AGENT_MESH_MAX_MESH_CONNECTIONS`); further
+/// ones wait in the listener's backlog.
 pub const MAX_MESH_CONNECTIONS: usize = 4096;
 
 /// Source side: connects to the target agent at `target` over the mesh,
@@ -71,7 +72,8 @@ pub async fn dial_over_mesh(
 }
 
 /// Target side: serves every connection of `listener` until the listener
-/// fails (the mesh node shut down). For each one: read the header (within
+/// fails (the mesh node shut down), at most `max_connections` at once
+/// (further ones wait in the listener's backlog). For each one: read the header (within
 /// [`HEADER_TIMEOUT`]), ask `resolve` with the header and the source's
 /// overlay address, then either answer the denial (the error's text) and
 /// close, or connect to the admitted address, answer, and splice until
@@ -79,14 +81,18 @@ pub async fn dial_over_mesh(
 ///
 /// `resolve` is where the agent applies `policy::decide` against its netmap
 /// (and checks that the overlay address belongs to the claimed source).
-pub async fn accept_from_mesh<F, A, E>(listener: TcpListener, resolve: F) -> Result<(), ProxyError>
+pub async fn accept_from_mesh<F, A, E>(
+    listener: TcpListener,
+    max_connections: usize,
+    resolve: F,
+) -> Result<(), ProxyError>
 where
     F: Fn(&MeshHeader, SocketAddr) -> Result<A, E> + Send + Sync + 'static,
     A: Into<Admission>,
     E: Display,
 {
     let resolve = Arc::new(resolve);
-    let slots = Arc::new(Semaphore::new(MAX_MESH_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         // The semaphore is never closed, so this always waits for a slot.
         let Ok(permit) = slots.clone().acquire_owned().await else {

@@ -246,17 +246,21 @@ async fn mesh_dial_reaches_the_sandbox_or_is_denied_with_the_reason() -> Result<
     let (source, target) = mesh_pair().await?;
     let echo = echo_server().await?;
     let listener = target.listen_tcp(4789)?;
-    let acceptor = tokio::spawn(accept_from_mesh(listener, move |h: &MeshHeader, from| {
-        // The source's overlay address reaches the decision.
-        assert_eq!(from.ip(), overlay(1));
-        match (h.alias.as_str(), h.source.sandbox_id.as_deref()) {
-            ("api", Some("sbx_0123456789ab")) if h.port == 8080 => Ok(echo),
-            ("api", _) => Err(Decision::Deny(DenyReason::NoMatchingRule)),
-            // A port where nothing listens: allowed, but unreachable.
-            ("gone", _) => Ok(SocketAddr::from(([127, 0, 0, 1], 1))),
-            _ => Err(Decision::Deny(DenyReason::UnknownAlias)),
-        }
-    }));
+    let acceptor = tokio::spawn(accept_from_mesh(
+        listener,
+        proxy::MAX_MESH_CONNECTIONS,
+        move |h: &MeshHeader, from| {
+            // The source's overlay address reaches the decision.
+            assert_eq!(from.ip(), overlay(1));
+            match (h.alias.as_str(), h.source.sandbox_id.as_deref()) {
+                ("api", Some("sbx_0123456789ab")) if h.port == 8080 => Ok(echo),
+                ("api", _) => Err(Decision::Deny(DenyReason::NoMatchingRule)),
+                // A port where nothing listens: allowed, but unreachable.
+                ("gone", _) => Ok(SocketAddr::from(([127, 0, 0, 1], 1))),
+                _ => Err(Decision::Deny(DenyReason::UnknownAlias)),
+            }
+        },
+    ));
     let target_addr = SocketAddr::new(overlay(2), 4789);
 
     // Allowed: bytes go source -> mesh -> target agent -> echo server and back,

@@ -25,9 +25,6 @@ use super::connections::Side;
 use super::topology::{Identity, ListenerKey};
 use super::Shared;
 
-/// Connections one alias listener serves at once; more wait in the kernel
-/// backlog (so a flood cannot exhaust the agent's file descriptors).
-pub const MAX_CONNECTIONS_PER_LISTENER: usize = 1024;
 /// Pause after an accept error (e.g. out of file descriptors) before the
 /// next accept, so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -54,9 +51,12 @@ pub fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Serves one alias listener until its task is aborted.
+/// Serves one alias listener until its task is aborted, at most
+/// `GLOBALSTACKS_AGENT_MESH_MAX_LISTENER_CONNECTIONS` connections at once;
+/// more wait in the kernel backlog (so a flood cannot exhaust the agent's
+/// file descriptors).
 pub(super) async fn serve_alias(shared: Arc<Shared>, key: ListenerKey, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_LISTENER));
+    let slots = Arc::new(Semaphore::new(shared.settings.max_listener_connections));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -184,7 +184,8 @@ pub(super) async fn serve_mesh(shared: Arc<Shared>, listener: netstack::TcpListe
     let resolve = move |header: &MeshHeader, from: SocketAddr| -> Result<Admission, String> {
         admit(&resolve_shared, header, from)
     };
-    if let Err(e) = proxy::accept_from_mesh(listener, resolve).await {
+    let max = shared.settings.max_mesh_connections;
+    if let Err(e) = proxy::accept_from_mesh(listener, max, resolve).await {
         tracing::debug!(error = %e, "mesh acceptor stopped");
     }
 }

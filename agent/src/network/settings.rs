@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::config::{
     ConfigSource, MESH_CONTAINER_ADDR, MESH_CONTAINER_PROXY_BIND, MESH_DNS_ADDR, MESH_ENDPOINT,
-    MESH_LISTEN, MESH_PROXY_BIND,
+    MESH_LISTEN, MESH_MAX_LISTENER_CONNECTIONS, MESH_MAX_MESH_CONNECTIONS, MESH_PROXY_BIND,
 };
 use crate::error::AgentError;
 
@@ -23,6 +23,15 @@ pub const DEFAULT_PROXY_RANGE: &str = "127.77.0.0/16";
 pub const DEFAULT_CONTAINER_PROXY_RANGE: &str = "100.127.77.0/24";
 /// Port of the container-side DNS (resolv.conf names no port).
 pub const CONTAINER_DNS_PORT: u16 = 53;
+/// Connections one alias listener serves at once unless
+/// `GLOBALSTACKS_AGENT_MESH_MAX_LISTENER_CONNECTIONS` says otherwise.
+pub const DEFAULT_MAX_LISTENER_CONNECTIONS: usize = 1024;
+/// Mesh connections served at once on the target side unless
+/// `GLOBALSTACKS_AGENT_MESH_MAX_MESH_CONNECTIONS` says otherwise.
+pub const DEFAULT_MAX_MESH_CONNECTIONS: usize = proxy::MAX_MESH_CONNECTIONS;
+/// Upper bound of both limits: each connection holds descriptors and
+/// buffers, and a limit past this is a typo rather than a plan.
+pub const MAX_CONNECTION_LIMIT: usize = 1 << 20;
 
 /// Where the alias listeners bind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +62,11 @@ pub struct NetworkSettings {
     /// Where the container-side alias listeners bind: a range (made local
     /// on the container address's interface) or one address.
     pub container_proxy_bind: ProxyBind,
+    /// Connections one alias listener serves at once; more wait in the
+    /// kernel backlog (a flood cannot exhaust the descriptors).
+    pub max_listener_connections: usize,
+    /// Mesh connections the target side serves at once.
+    pub max_mesh_connections: usize,
 }
 
 impl Default for NetworkSettings {
@@ -66,6 +80,8 @@ impl Default for NetworkSettings {
             container_proxy_bind: ProxyBind::Range(
                 DEFAULT_CONTAINER_PROXY_RANGE.parse().expect("valid range"),
             ),
+            max_listener_connections: DEFAULT_MAX_LISTENER_CONNECTIONS,
+            max_mesh_connections: DEFAULT_MAX_MESH_CONNECTIONS,
         }
     }
 }
@@ -108,6 +124,16 @@ impl NetworkSettings {
             }
             None => derive_endpoint(mesh_listen),
         };
+        let max_listener_connections = connection_limit(
+            source,
+            MESH_MAX_LISTENER_CONNECTIONS,
+            DEFAULT_MAX_LISTENER_CONNECTIONS,
+        )?;
+        let max_mesh_connections = connection_limit(
+            source,
+            MESH_MAX_MESH_CONNECTIONS,
+            DEFAULT_MAX_MESH_CONNECTIONS,
+        )?;
         Ok(Self {
             mesh_listen,
             mesh_endpoint,
@@ -115,7 +141,23 @@ impl NetworkSettings {
             proxy_bind,
             container_addr,
             container_proxy_bind,
+            max_listener_connections,
+            max_mesh_connections,
         })
+    }
+}
+
+/// A connection limit: 1 to [`MAX_CONNECTION_LIMIT`].
+fn connection_limit(source: &ConfigSource, key: &str, default: usize) -> Result<usize, AgentError> {
+    let Some(value) = source.get(key) else {
+        return Ok(default);
+    };
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CONNECTION_LIMIT).contains(&n) => Ok(n),
+        _ => Err(AgentError::config(
+            key,
+            format!("`{value}` is not a number of connections from 1 to {MAX_CONNECTION_LIMIT}"),
+        )),
     }
 }
 
@@ -217,6 +259,8 @@ mod tests {
             ProxyBind::Range("127.77.0.0/16".parse().unwrap())
         );
         assert_eq!(s.container_addr, None);
+        assert_eq!(s.max_listener_connections, 1024);
+        assert_eq!(s.max_mesh_connections, 4096);
         // Derived from the route to the world, with the listen port, or none.
         if let Some(endpoint) = &s.mesh_endpoint {
             assert!(endpoint.ends_with(":41641"), "{endpoint}");
@@ -231,8 +275,12 @@ mod tests {
             (MESH_DNS_ADDR, "127.0.0.2:5353"),
             (MESH_PROXY_BIND, "127.0.0.9"),
             (MESH_CONTAINER_ADDR, "172.30.0.1"),
+            (MESH_MAX_LISTENER_CONNECTIONS, "12000"),
+            (MESH_MAX_MESH_CONNECTIONS, "20000"),
         ])
         .unwrap();
+        assert_eq!(s.max_listener_connections, 12_000);
+        assert_eq!(s.max_mesh_connections, 20_000);
         assert_eq!(s.mesh_listen, "127.0.0.1:0".parse().unwrap());
         assert_eq!(s.mesh_endpoint.as_deref(), Some("agent-1.example:41641"));
         assert_eq!(
@@ -255,6 +303,10 @@ mod tests {
             (MESH_ENDPOINT, "host:99999"),
             (MESH_CONTAINER_ADDR, "gateway"),
             (MESH_CONTAINER_PROXY_BIND, "100.127.77.0/99"),
+            (MESH_MAX_LISTENER_CONNECTIONS, "0"),
+            (MESH_MAX_LISTENER_CONNECTIONS, "many"),
+            (MESH_MAX_MESH_CONNECTIONS, "-1"),
+            (MESH_MAX_MESH_CONNECTIONS, "1048577"),
         ] {
             let err = settings(&[(key, value)]).unwrap_err().to_string();
             assert!(err.contains(key), "{key}={value}: {err}");

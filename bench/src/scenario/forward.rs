@@ -12,14 +12,15 @@
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+use super::netstack::kernel_dialer;
+use super::support::{self, free_port, sibling, wait_for, Guard, SETUP};
 use crate::results::{Metric, Results, System};
-use crate::workload::{self, BoxStream, Dialer};
+use crate::workload::{self, Dialer};
 
 pub const SCENARIO: &str = "forward";
 pub const METRICS: [Metric; 4] = [
@@ -31,8 +32,6 @@ pub const METRICS: [Metric; 4] = [
 const RTT_SIZE: usize = 64;
 const RTT_WARMUP: usize = 200;
 const RTT_COUNT: usize = 5_000;
-/// Bound for every setup step (agent connected, forwarder ready, ...).
-const SETUP: Duration = Duration::from_secs(60);
 const NETWORK: &str = "bench";
 const ALIAS: &str = "svc";
 
@@ -44,71 +43,6 @@ pub struct Options {
     /// Seconds per throughput measurement.
     #[arg(long, value_name = "SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub seconds: u64,
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            if let Ok(pid) = i32::try_from(self.0.id()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("path of gstacks-bench")?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found next to gstacks-bench; build it: cargo build --release --bins",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port(udp: bool) -> Result<u16> {
-    let port = if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port()
-    };
-    Ok(port)
-}
-
-async fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + SETUP;
-    loop {
-        if let Some(value) = check() {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("{what} not within {SETUP:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn dialer(addr: SocketAddr) -> Dialer {
-    Arc::new(move || {
-        Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream) as BoxStream)
-        })
-    })
 }
 
 /// Throughput both ways and 64-byte round trips through `dial`.
@@ -181,12 +115,24 @@ async fn run_async(options: &Options) -> Result<Results> {
     });
 
     eprintln!("forward: loopback");
-    measure(System::Loopback, &dialer(service), seconds, &mut results).await;
+    measure(
+        System::Loopback,
+        &kernel_dialer(service, None),
+        seconds,
+        &mut results,
+    )
+    .await;
 
     eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
     match forwarder(work.path(), service).await {
         Ok((local, _children, _control)) => {
-            measure(System::Gstacks, &dialer(local), seconds, &mut results).await;
+            measure(
+                System::Gstacks,
+                &kernel_dialer(local, None),
+                seconds,
+                &mut results,
+            )
+            .await;
         }
         Err(e) => results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}")),
     }
@@ -199,16 +145,9 @@ async fn forwarder(
     dir: &Path,
     service: SocketAddr,
 ) -> Result<(SocketAddr, Vec<Guard>, control::server::Running)> {
-    use control::store::{PolicyRule, Sandbox, SandboxRepo, SandboxStatus};
+    use control::store::PolicyRule;
 
-    let running = control::server::start(control::server::ServeOptions {
-        data_dir: dir.join("control"),
-        listen: "127.0.0.1:0".parse()?,
-        tls: control::server::TlsSource::Dev,
-        settings: control::plane::Settings::default(),
-        first_operator_token: true,
-    })
-    .await?;
+    let running = support::start_control(&dir.join("control")).await?;
     let plane = running.plane.clone();
     let operator = running
         .first_operator_token
@@ -228,72 +167,13 @@ async fn forwarder(
     let now = control::clock::now_ms();
     plane.store.create_network(NETWORK, now)?;
 
-    let (_, provisioning) =
-        plane.create_provisioning_token("cls_default", "gstacks-bench forward", false, None)?;
-    let state_dir = dir.join("agent");
-    std::fs::create_dir_all(&state_dir)?;
-    let mesh = format!("127.0.0.1:{}", free_port(true)?);
-    let log = std::fs::File::create(dir.join("agent.log"))?;
-    let agent = Guard(
-        Command::new(sibling("gstacks-agent")?)
-            .arg("run")
-            .env("GLOBALSTACKS_CONTROL_URL", running.url())
-            .env("GLOBALSTACKS_CONTROL_CA_FILE", &ca)
-            .env("GLOBALSTACKS_STATE_DIR", &state_dir)
-            .env("GLOBALSTACKS_PROVISIONING_TOKEN", provisioning.expose())
-            .env(
-                "GLOBALSTACKS_AGENT_MESH_DNS_ADDR",
-                format!("127.0.0.1:{}", free_port(true)?),
-            )
-            .env("GLOBALSTACKS_AGENT_MESH_PROXY_BIND", "127.0.0.1")
-            .env("GLOBALSTACKS_AGENT_MESH_LISTEN", &mesh)
-            .env("GLOBALSTACKS_AGENT_MESH_ENDPOINT", &mesh)
-            .env_remove("GLOBALSTACKS_AGENT_MESH_CONTAINER_ADDR")
-            // No container engine: the sandbox is a loopback server, and no
-            // rediscovery marks its container-less record failed.
-            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start gstacks-agent")?,
-    );
-    let credential = state_dir.join("credential.json");
-    let host_id = wait_for("agent enrolled", || {
-        let text = std::fs::read_to_string(&credential).ok()?;
-        let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-        value["host_id"].as_str().map(str::to_owned)
-    })
+    let (agent, host_id) = support::start_agent(
+        &running,
+        &dir.join("agent"),
+        &support::loopback_agent_env(std::net::Ipv4Addr::LOCALHOST)?,
+    )
     .await?;
-    wait_for("agent connected", || plane.sessions.get(&host_id).map(drop)).await?;
-
-    let sandbox = Sandbox {
-        id: "sbx_bench".to_owned(),
-        cluster_id: "cls_default".to_owned(),
-        host_id: host_id.clone(),
-        name: "bench".to_owned(),
-        image: "local/bench".to_owned(),
-        image_digest: String::new(),
-        blueprint_id: String::new(),
-        status: SandboxStatus::Running,
-        status_message: String::new(),
-        container_id: String::new(),
-        container_name: String::new(),
-        addresses: vec![service.ip().to_string()],
-        docker_network: String::new(),
-        tags: Vec::new(),
-        traits: Vec::new(),
-        volumes: Vec::new(),
-        repo: SandboxRepo::default(),
-        memory_bytes: 0,
-        millicpus: 0,
-        created_by: "gstacks-bench".to_owned(),
-        created_at_ms: now,
-        updated_at_ms: now,
-        archived_at_ms: 0,
-    };
-    plane.store.insert_sandbox(&sandbox)?;
+    support::insert_sandbox(&plane, "sbx_bench", &host_id, service.ip())?;
     plane
         .store
         .attach_sandbox(NETWORK, "sbx_bench", Some((ALIAS, &[service.port()])), now)?;
@@ -350,7 +230,7 @@ async fn forwarder(
     wait_for("gstacks mesh forward ready", || rx.try_recv().ok()).await?;
     // The first connection waits for the WireGuard handshake; open one so
     // the measurements start on an established session.
-    let dial = dialer(local);
+    let dial = kernel_dialer(local, None);
     let deadline = Instant::now() + SETUP;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), workload::open_held(&dial)).await {

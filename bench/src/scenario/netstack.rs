@@ -102,7 +102,7 @@ pub fn run(options: &Options) -> Result<Results> {
         results.unavailable(SCENARIO, System::Loopback, None, format!("{e:#}"));
     }
     eprintln!("netstack: gstacks and onetun");
-    if let Err(e) = mesh_and_onetun(options, seconds, work.path(), &mut results) {
+    if let Err(e) = mesh_and_onetun(Some(options), seconds, work.path(), &mut results) {
         results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}"));
     }
     eprintln!("netstack: wireguard-go");
@@ -112,7 +112,21 @@ pub fn run(options: &Options) -> Result<Results> {
     Ok(results)
 }
 
-fn runtime() -> Result<Runtime> {
+/// The raw mesh figures alone (system `gstacks`: node A dials node B, and
+/// the memory of 10,000 idle connections), recorded under this scenario's
+/// name, for a scenario that compares itself with them in the same run.
+pub(crate) fn run_mesh(seconds: Duration, results: &mut Results) {
+    raise_fd_limit();
+    eprintln!("netstack: gstacks");
+    let outcome = tempfile::tempdir()
+        .context("create a temporary directory")
+        .and_then(|work| mesh_and_onetun(None, seconds, work.path(), results));
+    if let Err(e) = outcome {
+        results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}"));
+    }
+}
+
+pub(crate) fn runtime() -> Result<Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -135,12 +149,13 @@ fn run_on<T: Send + 'static>(
 /// stalled transport is reported instead of hanging the run.
 fn measured<T: Send + 'static>(
     runtime: &Runtime,
+    scenario: &str,
     system: System,
     what: &str,
     deadline: Duration,
     future: impl std::future::Future<Output = std::io::Result<T>> + Send + 'static,
 ) -> Result<T> {
-    eprintln!("netstack:   {} {what}", system.name());
+    eprintln!("{scenario}:   {} {what}", system.name());
     let outcome = run_on(runtime, async move {
         tokio::time::timeout(deadline, future).await
     })?;
@@ -154,10 +169,11 @@ fn measured<T: Send + 'static>(
     }
 }
 
-/// Measures throughput, round trips and connect rate of one system; a
-/// failed measurement is reported unavailable with its error.
-fn measure(
+/// Measures throughput, round trips and connect rate of one system under
+/// `scenario`; a failed measurement is reported unavailable with its error.
+pub(crate) fn measure(
     runtime: &Runtime,
+    scenario: &str,
     system: System,
     dial: &Dialer,
     seconds: Duration,
@@ -165,24 +181,34 @@ fn measure(
 ) {
     let deadline = seconds * 4 + Duration::from_secs(30);
     let d = dial.clone();
-    match measured(runtime, system, "throughput up", deadline, async move {
-        workload::throughput_up(&d, seconds).await
-    }) {
-        Ok(v) => results.record(SCENARIO, system, Metric::ThroughputUp, v),
+    match measured(
+        runtime,
+        scenario,
+        system,
+        "throughput up",
+        deadline,
+        async move { workload::throughput_up(&d, seconds).await },
+    ) {
+        Ok(v) => results.record(scenario, system, Metric::ThroughputUp, v),
         Err(e) => results.unavailable(
-            SCENARIO,
+            scenario,
             system,
             Some(Metric::ThroughputUp),
             format!("{e:#}"),
         ),
     }
     let d = dial.clone();
-    match measured(runtime, system, "throughput down", deadline, async move {
-        workload::throughput_down(&d, seconds).await
-    }) {
-        Ok(v) => results.record(SCENARIO, system, Metric::ThroughputDown, v),
+    match measured(
+        runtime,
+        scenario,
+        system,
+        "throughput down",
+        deadline,
+        async move { workload::throughput_down(&d, seconds).await },
+    ) {
+        Ok(v) => results.record(scenario, system, Metric::ThroughputDown, v),
         Err(e) => results.unavailable(
-            SCENARIO,
+            scenario,
             system,
             Some(Metric::ThroughputDown),
             format!("{e:#}"),
@@ -191,31 +217,33 @@ fn measure(
     let d = dial.clone();
     match measured(
         runtime,
+        scenario,
         system,
         "round trips",
         Duration::from_secs(120),
         async move { workload::round_trips(&d, RTT_SIZE, RTT_WARMUP, RTT_COUNT).await },
     ) {
         Ok((p50, p99)) => {
-            results.record(SCENARIO, system, Metric::RttP50, p50);
-            results.record(SCENARIO, system, Metric::RttP99, p99);
+            results.record(scenario, system, Metric::RttP50, p50);
+            results.record(scenario, system, Metric::RttP99, p99);
         }
         Err(e) => {
-            results.unavailable(SCENARIO, system, Some(Metric::RttP50), format!("{e:#}"));
-            results.unavailable(SCENARIO, system, Some(Metric::RttP99), format!("{e:#}"));
+            results.unavailable(scenario, system, Some(Metric::RttP50), format!("{e:#}"));
+            results.unavailable(scenario, system, Some(Metric::RttP99), format!("{e:#}"));
         }
     }
     let d = dial.clone();
     match measured(
         runtime,
+        scenario,
         system,
         "connect rate",
         Duration::from_secs(120),
         async move { workload::connect_rate(&d, CONNECTS, CONNECT_PARALLEL).await },
     ) {
-        Ok(v) => results.record(SCENARIO, system, Metric::ConnectRate, v),
+        Ok(v) => results.record(scenario, system, Metric::ConnectRate, v),
         Err(e) => results.unavailable(
-            SCENARIO,
+            scenario,
             system,
             Some(Metric::ConnectRate),
             format!("{e:#}"),
@@ -223,16 +251,16 @@ fn measure(
     }
 }
 
-fn record_rss(system: System, rss: Result<f64>, results: &mut Results) {
-    eprintln!("netstack:   {} idle connections", system.name());
+pub(crate) fn record_rss(scenario: &str, system: System, rss: Result<f64>, results: &mut Results) {
+    eprintln!("{scenario}:   {} idle connections", system.name());
     match rss {
-        Ok(mib) => results.record(SCENARIO, system, Metric::Rss10kIdle, mib),
-        Err(e) => results.unavailable(SCENARIO, system, Some(Metric::Rss10kIdle), format!("{e:#}")),
+        Ok(mib) => results.record(scenario, system, Metric::Rss10kIdle, mib),
+        Err(e) => results.unavailable(scenario, system, Some(Metric::Rss10kIdle), format!("{e:#}")),
     }
 }
 
 /// Serves the workload on every connection a kernel listener accepts.
-async fn serve_kernel(listener: tokio::net::TcpListener) {
+pub(crate) async fn serve_kernel(listener: tokio::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -248,7 +276,7 @@ async fn serve_kernel(listener: tokio::net::TcpListener) {
     }
 }
 
-fn kernel_dialer(target: SocketAddr, bind: Option<IpAddr>) -> Dialer {
+pub(crate) fn kernel_dialer(target: SocketAddr, bind: Option<IpAddr>) -> Dialer {
     Arc::new(move || {
         Box::pin(async move {
             let socket = match target {
@@ -275,9 +303,16 @@ fn loopback(seconds: Duration, results: &mut Results) -> Result<()> {
     let addr = listener.local_addr()?;
     runtime.spawn(serve_kernel(listener));
     let dial = kernel_dialer(addr, None);
-    measure(&runtime, System::Loopback, &dial, seconds, results);
+    measure(
+        &runtime,
+        SCENARIO,
+        System::Loopback,
+        &dial,
+        seconds,
+        results,
+    );
     let rss = hold_idle_rss(own_command(&["--tcp", &addr.to_string()]), RssOf::Child);
-    record_rss(System::Loopback, rss, results);
+    record_rss(SCENARIO, System::Loopback, rss, results);
     Ok(())
 }
 
@@ -314,9 +349,10 @@ async fn bind_mesh(config: &WgQuickConfig) -> Result<MeshNode> {
     Ok(MeshNode::bind(node_config, peers).await?)
 }
 
-/// gstacks (node A dials node B) and onetun (onetun dials node B).
+/// gstacks (node A dials node B) and, with `options`, onetun (onetun dials
+/// node B).
 fn mesh_and_onetun(
-    options: &Options,
+    options: Option<&Options>,
     seconds: Duration,
     work: &Path,
     results: &mut Results,
@@ -369,7 +405,7 @@ fn mesh_and_onetun(
             })
         })
     };
-    measure(&runtime, System::Gstacks, &dial, seconds, results);
+    measure(&runtime, SCENARIO, System::Gstacks, &dial, seconds, results);
     let child_file = work.join("hold-idle.conf");
     let config_child = mesh_config(&key_child, 3, vec![mesh_peer(&key_b, 2, Some(b_endpoint))]);
     let rss = config_child
@@ -386,19 +422,21 @@ fn mesh_and_onetun(
                 RssOf::Child,
             )
         });
-    record_rss(System::Gstacks, rss, results);
+    record_rss(SCENARIO, System::Gstacks, rss, results);
 
-    if let Err(e) = onetun(
-        options,
-        &runtime,
-        &key_onetun,
-        &node_b,
-        target,
-        seconds,
-        work,
-        results,
-    ) {
-        results.unavailable(SCENARIO, System::Onetun, None, format!("{e:#}"));
+    if let Some(options) = options {
+        if let Err(e) = onetun(
+            options,
+            &runtime,
+            &key_onetun,
+            &node_b,
+            target,
+            seconds,
+            work,
+            results,
+        ) {
+            results.unavailable(SCENARIO, System::Onetun, None, format!("{e:#}"));
+        }
     }
     runtime.block_on(async {
         node_a.shutdown().await;
@@ -426,7 +464,7 @@ fn onetun(
     };
     let key_file = work.join("onetun.key");
     write_secret(&key_file, &key.to_base64())?;
-    let port = free_tcp_port()?;
+    let port = super::support::free_port(false)?;
     let mut command = Command::new(&binary);
     command
         .arg(format!(
@@ -446,10 +484,13 @@ fn onetun(
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     wait_listening(local, &mut process)?;
     let dial = kernel_dialer(local, None);
-    measure(runtime, System::Onetun, &dial, seconds, results);
+    measure(runtime, SCENARIO, System::Onetun, &dial, seconds, results);
     let pid = process.id();
-    let rss = hold_idle_rss(own_command(&["--tcp", &local.to_string()]), RssOf::Pid(pid));
-    record_rss(System::Onetun, rss, results);
+    let rss = hold_idle_rss(
+        own_command(&["--tcp", &local.to_string()]),
+        RssOf::Pids(vec![pid]),
+    );
+    record_rss(SCENARIO, System::Onetun, rss, results);
     Ok(())
 }
 
@@ -528,7 +569,14 @@ fn wireguard_go(seconds: Duration, work: &Path, results: &mut Results) -> Result
     };
     runtime.spawn(serve_kernel(listener));
     let dial = kernel_dialer(service, Some(IpAddr::V4(inner1)));
-    measure(&runtime, System::WireguardGo, &dial, seconds, results);
+    measure(
+        &runtime,
+        SCENARIO,
+        System::WireguardGo,
+        &dial,
+        seconds,
+        results,
+    );
     let mut command = ns1.command(&std::env::current_exe()?.to_string_lossy());
     command.args([
         "hold-idle",
@@ -537,8 +585,8 @@ fn wireguard_go(seconds: Duration, work: &Path, results: &mut Results) -> Result
         "--bind",
         &inner1.to_string(),
     ]);
-    let rss = hold_idle_rss(command, RssOf::Pid(wg1.pid()));
-    record_rss(System::WireguardGo, rss, results);
+    let rss = hold_idle_rss(command, RssOf::Pids(vec![wg1.pid()]));
+    record_rss(SCENARIO, System::WireguardGo, rss, results);
     drop(runtime);
     drop((wg1, wg2));
     drop((ns1, ns2));
@@ -546,14 +594,15 @@ fn wireguard_go(seconds: Duration, work: &Path, results: &mut Results) -> Result
 }
 
 /// Whose memory the idle figure reports.
-enum RssOf {
+pub(crate) enum RssOf {
     /// The `hold-idle` child itself.
     Child,
-    /// Another process that the child's connections pass through.
-    Pid(u32),
+    /// Other processes that the child's connections pass through (the sum
+    /// of their resident sets).
+    Pids(Vec<u32>),
 }
 
-fn own_command(args: &[&str]) -> Command {
+pub(crate) fn own_command(args: &[&str]) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("gstacks-bench"));
     let mut command = Command::new(exe);
     command.arg("hold-idle").args(args);
@@ -562,7 +611,7 @@ fn own_command(args: &[&str]) -> Command {
 
 /// Starts a `hold-idle` child, waits (up to [`IDLE_DEADLINE`]) for its
 /// `ready` line, reads the RSS, then closes its stdin so it exits.
-fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
+pub(crate) fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
     command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -579,13 +628,10 @@ fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
         let _ = tx.send(read.map(|_| line));
     });
     let outcome = match rx.recv_timeout(IDLE_DEADLINE) {
-        Ok(Ok(line)) if line.starts_with("ready") => {
-            let pid = match of {
-                RssOf::Child => child.id(),
-                RssOf::Pid(pid) => pid,
-            };
-            rss_mib(pid)
-        }
+        Ok(Ok(line)) if line.starts_with("ready") => match of {
+            RssOf::Child => rss_mib(child.id()),
+            RssOf::Pids(pids) => pids.into_iter().map(rss_mib).sum(),
+        },
         Ok(Ok(line)) if line.is_empty() => Err(anyhow!(
             "hold-idle child exited before opening its connections"
         )),
@@ -614,7 +660,7 @@ fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
 }
 
 /// The resident set of a process, from `/proc/<pid>/status`, in MiB.
-fn rss_mib(pid: u32) -> Result<f64> {
+pub(crate) fn rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
     let kib: f64 = status
@@ -671,7 +717,7 @@ pub fn hold_idle(args: &HoldIdle) -> Result<()> {
 
 /// 10,000 connections need more than the usual 1,024 descriptors: raise the
 /// soft limit to the hard one.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
@@ -703,11 +749,6 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
 fn log_file(path: &Path) -> Result<Stdio> {
     let file = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     Ok(Stdio::from(file))
-}
-
-fn free_tcp_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
-    Ok(listener.local_addr()?.port())
 }
 
 /// Polls until something accepts on `addr` (with a deadline), failing early
