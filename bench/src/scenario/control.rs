@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use super::support::{free_port, sibling};
+
 use proto::agent_service_client::AgentServiceClient;
 use proto::control_api_client::ControlApiClient;
 use proto::{agent_message, AgentMessage, EnrollRequest, Heartbeat, Hello, Telemetry};
@@ -65,21 +67,10 @@ impl Drop for ControlProcess {
     }
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("finding gstacks-bench's own path")?;
-    Ok(exe.with_file_name(name))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn start_control(binary: &Path) -> anyhow::Result<ControlProcess> {
     use std::io::BufRead as _;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let port = free_port(false)?;
     let mut child = Command::new(binary)
         .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--data-dir")

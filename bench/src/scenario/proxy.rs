@@ -463,7 +463,7 @@ mod tests {
         // Not measured: neither held nor missed.
         assert_eq!(held(&v, Metric::PolicyDecisionsPerS), None);
         let rtt = v.iter().find(|v| v.metric == Metric::RttP50).unwrap();
-        assert_eq!(rtt.target, "<= 1.5x proxy/loopback + 150 = 180.0");
+        assert_eq!(rtt.target, "<= 1.5x proxy/loopback + 150 = 180");
     }
 
     #[test]
