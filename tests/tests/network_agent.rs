@@ -54,6 +54,7 @@ impl TestAgent {
             proxy_bind: ProxyBind::Range(range.parse().unwrap()),
             container_addr: None,
             container_proxy_bind: ProxyBind::Range("100.127.77.0/24".parse().unwrap()),
+            ..NetworkSettings::default()
         };
         adjust(&mut settings);
         let key = PrivateKey::generate();
@@ -1044,8 +1045,8 @@ async fn a_flood_of_refused_connections_leaves_the_listener_serving() {
 }
 
 /// More allowed connections than one alias listener serves at once
-/// (`MAX_CONNECTIONS_PER_LISTENER`, 1,024, in the agent's private
-/// `listeners` module): the extra one waits in the kernel backlog, neither
+/// (`NetworkSettings::max_listener_connections`, default 1,024, from
+/// `GLOBALSTACKS_AGENT_MESH_MAX_LISTENER_CONNECTIONS`): the extra one waits in the kernel backlog, neither
 /// refused nor served, and is served as soon as an earlier one ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_listener_limit_waits_and_is_served_in_turn() {
