@@ -73,12 +73,13 @@ impl TelemetrySource for HostTelemetry {
     }
 }
 
-/// The modules of this agent and the command kinds they own.
-pub fn modules(config: &AgentConfig) -> DispatcherBuilder {
+/// The modules of this agent and the command kinds they own; the sandbox
+/// io modules run on `runtime`.
+pub fn modules(config: &AgentConfig, runtime: Arc<dyn sandbox::Runtime>) -> DispatcherBuilder {
     let terminals = terminal::HostTerminal::new(config.disable_host_terminal);
     // Sandbox terminals share the host terminal's session table, so input,
     // resize and close reach both the same way.
-    let (io, io_streams, io_uploads) = sandbox_io::modules(terminals.clone());
+    let (io, io_streams, io_uploads) = sandbox_io::modules(terminals.clone(), runtime);
     DispatcherBuilder::new()
         .register(
             Arc::new(PingModule),
@@ -155,8 +156,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         network_stop.clone(),
     )
     .await?;
+    // One engine client for the sandbox lifecycle and the sandbox io.
+    let runtime: Arc<dyn sandbox::Runtime> = Arc::new(sandbox::docker::DockerRuntime::new());
     let sandboxes = sandbox::SandboxModule::new(
-        Arc::new(sandbox::docker::DockerRuntime::new()),
+        runtime.clone(),
         config.sandbox.clone(),
         credential.host_id.clone(),
     );
@@ -167,7 +170,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         "sandbox runtime"
     );
     let host = host.with_sandboxes(sandboxes.clone());
-    let modules = modules(&config)
+    let modules = modules(&config, runtime)
         .register(network.module(), network::KINDS, Concurrency::Parallel(4))
         .register(sandboxes, sandbox::KINDS, Concurrency::Parallel(8));
     let result = client.run(&credential, modules, &host, shutdown).await;

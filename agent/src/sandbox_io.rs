@@ -1,7 +1,8 @@
 //! Sandbox logs, terminal, files and repository bootstrap, proxied over the
-//! control stream through the engine's API (bollard): `docker logs`,
-//! `docker exec` (a TTY for terminals; `stat`, `find`, `cat`, `dd` and
-//! `git` in the container for files and clones). Nothing runs through a
+//! control stream through the agent's container [`Runtime`] (bollard in
+//! production, a fake in the unit tests): the container's logs, and
+//! processes exec'd in it (a TTY for terminals; `stat`, `find`, `cat`, `dd`
+//! and `git` in the container for files and clones). Nothing runs through a
 //! shell on the host or the control plane.
 //!
 //! Streams out of the sandbox (logs, file downloads) are numbered chunks of
@@ -20,9 +21,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bollard::container::LogOutput;
-use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
-use bollard::Docker;
 use futures::{Stream, StreamExt};
 use proto::{
     command, command_result, event, Command, ErrorCode, EventLevel, SandboxFileEntry,
@@ -35,6 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{
     event as make_event, CommandError, CommandKind, CommandOutcome, HandlerFuture, Link, Module,
+};
+use crate::sandbox::runtime::{
+    Exec, ExecSpec, InputSink, LogsRequest, OutputChunk, OutputSource, OutputStream, Runtime,
+    RuntimeError,
 };
 use crate::terminal::{pty_size, HostTerminal, SessionEnds, DEFAULT_MAX_DURATION};
 
@@ -215,8 +217,7 @@ struct Upload {
 
 /// State shared by the three modules.
 pub struct SandboxIoState {
-    /// Made on first use, its API version negotiated down to the engine's.
-    docker: tokio::sync::Mutex<Option<Docker>>,
+    runtime: Arc<dyn Runtime>,
     terminals: Arc<HostTerminal>,
     streams: Mutex<HashMap<String, StreamControl>>,
     uploads: Mutex<HashMap<String, Upload>>,
@@ -230,23 +231,20 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn unavailable(message: impl Into<String>) -> CommandError {
-    CommandError::new(ErrorCode::Unavailable, message)
+fn engine_error(what: &str, err: RuntimeError) -> CommandError {
+    let code = match &err {
+        RuntimeError::NotFound(_) => ErrorCode::NotFound,
+        // "Container ... is not running", "is paused".
+        RuntimeError::Conflict(_) => ErrorCode::FailedPrecondition,
+        RuntimeError::Invalid(_) => ErrorCode::InvalidArgument,
+        RuntimeError::Unavailable(_) => ErrorCode::Unavailable,
+        RuntimeError::Engine(_) => ErrorCode::Internal,
+    };
+    CommandError::new(code, format!("{what}: {err}"))
 }
 
-fn engine_error(what: &str, err: bollard::errors::Error) -> CommandError {
-    match &err {
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            message,
-        } => CommandError::new(ErrorCode::NotFound, format!("{what}: {message}")),
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 409,
-            message,
-        } => CommandError::new(ErrorCode::FailedPrecondition, format!("{what}: {message}")),
-        _ => CommandError::new(ErrorCode::Internal, format!("{what}: {err}")),
-    }
-}
+/// How long [`SandboxIoState::exit_code`] waits for an exec to be reaped.
+const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
 
 /// What an exec printed and how it ended.
 struct Captured {
@@ -256,30 +254,16 @@ struct Captured {
 }
 
 impl SandboxIoState {
-    /// Connects to the local engine (`DOCKER_HOST` or the default socket);
-    /// without one every command answers why.
-    pub fn new(terminals: Arc<HostTerminal>) -> Arc<SandboxIoState> {
+    /// Over the host's container runtime; without an engine every command
+    /// answers why.
+    pub fn new(terminals: Arc<HostTerminal>, runtime: Arc<dyn Runtime>) -> Arc<SandboxIoState> {
         Arc::new(SandboxIoState {
-            docker: tokio::sync::Mutex::new(None),
+            runtime,
             terminals,
             streams: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
             lost: Mutex::new(CancellationToken::new()),
         })
-    }
-
-    async fn docker(&self) -> Result<Docker, CommandError> {
-        let mut client = self.docker.lock().await;
-        if let Some(docker) = client.as_ref() {
-            return Ok(docker.clone());
-        }
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| unavailable(format!("no container engine on this host: {e}")))?
-            .negotiate_version()
-            .await
-            .map_err(|e| unavailable(format!("the container engine does not answer: {e}")))?;
-        *client = Some(docker.clone());
-        Ok(docker)
     }
 
     fn lost_token(&self) -> CancellationToken {
@@ -293,50 +277,32 @@ impl SandboxIoState {
         cmd: Vec<String>,
         stdin: bool,
         tty: bool,
-    ) -> Result<(String, StartExecResults), CommandError> {
-        let docker = self.docker().await?;
+    ) -> Result<Exec, CommandError> {
         let program = cmd.first().cloned().unwrap_or_default();
-        let created = docker
-            .create_exec(
-                container,
-                CreateExecOptions {
-                    attach_stdin: Some(stdin),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    tty: Some(tty),
-                    env: tty.then(|| vec!["TERM=xterm-256color".to_owned()]),
-                    cmd: Some(cmd),
-                    ..CreateExecOptions::default()
-                },
-            )
+        let spec = ExecSpec {
+            cmd,
+            stdin,
+            tty,
+            env: if tty {
+                vec!["TERM=xterm-256color".to_owned()]
+            } else {
+                Vec::new()
+            },
+        };
+        self.runtime
+            .exec(container, &spec)
             .await
-            .map_err(|e| engine_error(&format!("container `{container}`"), e))?;
-        let started = docker
-            .start_exec(
-                &created.id,
-                Some(StartExecOptions {
-                    detach: false,
-                    tty,
-                    output_capacity: Some(CHUNK),
-                }),
-            )
-            .await
-            .map_err(|e| engine_error(&format!("`{program}` in `{container}`"), e))?;
-        Ok((created.id, started))
+            .map_err(|e| engine_error(&format!("`{program}` in container `{container}`"), e))
     }
 
+    /// The exit code of an exec whose output ended (-1 when unknown).
     async fn exit_code(&self, exec_id: &str) -> i64 {
-        let Ok(docker) = self.docker().await else {
-            return -1;
-        };
         // The exit code is set once the process is reaped, just after its
         // output ends: poll briefly.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + EXIT_CODE_WAIT;
         loop {
-            match docker.inspect_exec(exec_id).await {
-                Ok(inspect) if inspect.running != Some(true) => {
-                    return inspect.exit_code.unwrap_or(-1)
-                }
+            match self.runtime.inspect_exec(exec_id).await {
+                Ok(state) if !state.running => return state.exit_code.unwrap_or(-1),
                 Ok(_) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await
                 }
@@ -352,28 +318,31 @@ impl SandboxIoState {
         cmd: Vec<String>,
         limit: usize,
     ) -> Result<Captured, CommandError> {
-        let (exec_id, started) = self.exec(container, cmd, false, false).await?;
-        let StartExecResults::Attached { mut output, .. } = started else {
-            return Err(CommandError::new(
-                ErrorCode::Internal,
-                "the engine started the exec detached",
-            ));
-        };
+        let Exec {
+            id: exec_id,
+            mut output,
+            ..
+        } = self.exec(container, cmd, false, false).await?;
         let mut stdout = Vec::new();
         let mut stderr = Tail::new(ERROR_TAIL);
         while let Some(item) = output.next().await {
             match item {
-                Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                    if stdout.len() + message.len() > limit {
+                Ok(OutputChunk {
+                    source: OutputSource::Stdout | OutputSource::Console,
+                    data,
+                }) => {
+                    if stdout.len() + data.len() > limit {
                         return Err(CommandError::new(
                             ErrorCode::FailedPrecondition,
                             format!("the output is longer than {limit} bytes"),
                         ));
                     }
-                    stdout.extend_from_slice(&message);
+                    stdout.extend_from_slice(&data);
                 }
-                Ok(LogOutput::StdErr { message }) => stderr.push(&message),
-                Ok(LogOutput::StdIn { .. }) => {}
+                Ok(OutputChunk {
+                    source: OutputSource::Stderr,
+                    data,
+                }) => stderr.push(&data),
                 Err(e) => return Err(engine_error("exec output", e)),
             }
         }
@@ -629,12 +598,13 @@ pub struct SandboxUploads {
 /// The three modules over one state.
 pub fn modules(
     terminals: Arc<HostTerminal>,
+    runtime: Arc<dyn Runtime>,
 ) -> (
     Arc<SandboxIo>,
     Arc<SandboxStreamControl>,
     Arc<SandboxUploads>,
 ) {
-    let state = SandboxIoState::new(terminals);
+    let state = SandboxIoState::new(terminals, runtime);
     (
         Arc::new(SandboxIo {
             state: state.clone(),
@@ -654,12 +624,16 @@ impl SandboxIo {
         link: Link,
     ) -> CommandOutcome {
         let container = container_of(&req.sandbox_id, &req.container_id)?.to_owned();
-        let docker = self.state.docker().await?;
-        // Fail at once on a container the engine does not know.
-        docker
-            .inspect_container(
+        // Fails at once on a container the engine does not know.
+        let logs = self
+            .state
+            .runtime
+            .logs(
                 &container,
-                None::<bollard::query_parameters::InspectContainerOptions>,
+                LogsRequest {
+                    follow: req.follow,
+                    tail: u64::from(req.tail),
+                },
             )
             .await
             .map_err(|e| engine_error(&format!("sandbox `{}`", req.sandbox_id), e))?;
@@ -667,26 +641,14 @@ impl SandboxIo {
         let state = self.state.clone();
         tokio::spawn(async move {
             link.reply_sent().await;
-            let options = bollard::query_parameters::LogsOptions {
-                follow: req.follow,
-                stdout: true,
-                stderr: true,
-                tail: if req.tail == 0 {
-                    "all".to_owned()
-                } else {
-                    req.tail.to_string()
-                },
-                ..Default::default()
-            };
-            let source = docker
-                .logs(&container, Some(options))
-                .map(|item| match item {
-                    Ok(LogOutput::StdErr { message }) => {
-                        Ok(("stderr".to_owned(), message.to_vec()))
-                    }
-                    Ok(other) => Ok(("stdout".to_owned(), other.into_bytes().to_vec())),
-                    Err(e) => Err(format!("docker logs: {e}")),
-                });
+            let source = logs.map(|item| match item {
+                Ok(OutputChunk {
+                    source: OutputSource::Stderr,
+                    data,
+                }) => Ok(("stderr".to_owned(), data)),
+                Ok(OutputChunk { data, .. }) => Ok(("stdout".to_owned(), data)),
+                Err(e) => Err(format!("container logs: {e}")),
+            });
             let reason = if req.follow {
                 "the container stopped"
             } else {
@@ -725,7 +687,11 @@ impl SandboxIo {
                 ),
             ));
         }
-        let (exec_id, started) = self
+        let Exec {
+            id: exec_id,
+            output,
+            ..
+        } = self
             .state
             .exec(
                 &container,
@@ -734,12 +700,6 @@ impl SandboxIo {
                 false,
             )
             .await?;
-        let StartExecResults::Attached { output, .. } = started else {
-            return Err(CommandError::new(
-                ErrorCode::Internal,
-                "the engine started the exec detached",
-            ));
-        };
         let ends = self.state.register_stream(&req.stream_id)?;
         let state = self.state.clone();
         let path = req.path.clone();
@@ -750,14 +710,17 @@ impl SandboxIo {
             let errors = stderr.clone();
             let source = output.filter_map(move |item| {
                 let piece = match item {
-                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                        Some(Ok((String::new(), message.to_vec())))
-                    }
-                    Ok(LogOutput::StdErr { message }) => {
-                        locked(&errors).push(&message);
+                    Ok(OutputChunk {
+                        source: OutputSource::Stdout | OutputSource::Console,
+                        data,
+                    }) => Some(Ok((String::new(), data))),
+                    Ok(OutputChunk {
+                        source: OutputSource::Stderr,
+                        data,
+                    }) => {
+                        locked(&errors).push(&data);
                         None
                     }
-                    Ok(LogOutput::StdIn { .. }) => None,
                     Err(e) => Some(Err(format!("reading `{path}`: {e}"))),
                 };
                 std::future::ready(piece)
@@ -820,7 +783,11 @@ impl SandboxIo {
             Err(e) if e.code == ErrorCode::NotFound => {}
             Err(e) => return Err(e),
         }
-        let (exec_id, started) = self
+        let Exec {
+            id: exec_id,
+            mut output,
+            mut input,
+        } = self
             .state
             .exec(
                 &container,
@@ -833,16 +800,6 @@ impl SandboxIo {
                 false,
             )
             .await?;
-        let StartExecResults::Attached {
-            mut output,
-            mut input,
-        } = started
-        else {
-            return Err(CommandError::new(
-                ErrorCode::Internal,
-                "the engine started the exec detached",
-            ));
-        };
         let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(UPLOAD_QUEUE);
         let (done_tx, done) = oneshot::channel();
         let state = self.state.clone();
@@ -865,7 +822,10 @@ impl SandboxIo {
                 let mut stderr = Tail::new(ERROR_TAIL);
                 while let Some(item) = output.next().await {
                     match item {
-                        Ok(LogOutput::StdErr { message }) => stderr.push(&message),
+                        Ok(OutputChunk {
+                            source: OutputSource::Stderr,
+                            data,
+                        }) => stderr.push(&data),
                         Ok(_) => {}
                         Err(e) => {
                             stderr.push(e.to_string().as_bytes());
@@ -954,6 +914,26 @@ impl SandboxIo {
             error: String::new(),
         }));
         let _ = link.send_event(ev).await;
+        // A clone started again (its first run was cut off with the
+        // control stream) finds the first one's work done.
+        let probe = vec![
+            "git".to_owned(),
+            "-C".to_owned(),
+            req.path.clone(),
+            "config".to_owned(),
+            "--get".to_owned(),
+            "remote.origin.url".to_owned(),
+        ];
+        if let Ok(out) = self.state.capture(&container, probe, 64 * 1024).await {
+            if out.exit_code == 0 && String::from_utf8_lossy(&out.stdout).trim() == req.url {
+                tracing::info!(sandbox = %req.sandbox_id, path = %req.path, "repository already cloned");
+                return Ok(command_result::Kind::SandboxRepoResult(SandboxRepoStatus {
+                    sandbox_id: req.sandbox_id,
+                    status: "ready".to_owned(),
+                    error: String::new(),
+                }));
+            }
+        }
         let mut cmd = vec!["git".to_owned(), "clone".to_owned()];
         if !req.branch.is_empty() {
             cmd.push("--branch".to_owned());
@@ -988,27 +968,19 @@ impl SandboxIo {
             req.command.clone()
         };
         let size = pty_size(req.rows, req.cols);
-        let (exec_id, started) = self.state.exec(&container, command, true, true).await?;
-        let StartExecResults::Attached { output, input } = started else {
-            return Err(CommandError::new(
-                ErrorCode::Internal,
-                "the engine started the exec detached",
-            ));
-        };
+        let Exec {
+            id: exec_id,
+            output,
+            input,
+        } = self.state.exec(&container, command, true, true).await?;
         let ends = self
             .state
             .terminals
             .register_session(&req.session_id, size)?;
-        let docker = self.state.docker().await?;
-        let _ = docker
-            .resize_exec(
-                &exec_id,
-                ResizeExecOptions {
-                    height: winsize(size).0,
-                    width: winsize(size).1,
-                },
-            )
-            .await;
+        let (rows, cols) = winsize(size);
+        if let Err(err) = self.state.runtime.resize_exec(&exec_id, rows, cols).await {
+            tracing::debug!(session_id = %req.session_id, "sandbox terminal not resized: {err}");
+        }
         let max_duration = match req.max_duration_secs {
             0 => DEFAULT_MAX_DURATION,
             s => Duration::from_secs(u64::from(s)),
@@ -1020,7 +992,6 @@ impl SandboxIo {
             link.reply_sent().await;
             let run = ExecTerminal {
                 state: state.clone(),
-                docker,
                 exec_id,
                 session_id: session_id.clone(),
                 request_id,
@@ -1062,7 +1033,6 @@ impl CheckedExit {
 
 struct ExecTerminal {
     state: Arc<SandboxIoState>,
-    docker: Docker,
     exec_id: String,
     session_id: String,
     request_id: String,
@@ -1071,22 +1041,14 @@ struct ExecTerminal {
 }
 
 impl ExecTerminal {
-    async fn run(
-        self,
-        mut output: std::pin::Pin<
-            Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>,
-        >,
-        mut input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
-        mut ends: SessionEnds,
-    ) {
+    async fn run(self, mut output: OutputStream, mut input: InputSink, mut ends: SessionEnds) {
         let expire = tokio::time::sleep(self.max_duration);
         tokio::pin!(expire);
         let mut end_reason: Option<String> = None;
         loop {
             tokio::select! {
                 item = output.next() => match item {
-                    Some(Ok(out)) => {
-                        let data = out.into_bytes().to_vec();
+                    Some(Ok(OutputChunk { data, .. })) => {
                         let mut ev = make_event("terminal.output", EventLevel::Debug, "");
                         ev.request_id = self.request_id.clone();
                         ev.payload = Some(event::Payload::TerminalOutput(TerminalOutput {
@@ -1107,8 +1069,10 @@ impl ExecTerminal {
                     }
                 }
                 Ok(()) = ends.resize.changed() => {
-                    let size = *ends.resize.borrow_and_update();
-                    let _ = self.docker.resize_exec(&self.exec_id, ResizeExecOptions { height: winsize(size).0, width: winsize(size).1 }).await;
+                    let (rows, cols) = winsize(*ends.resize.borrow_and_update());
+                    if let Err(err) = self.state.runtime.resize_exec(&self.exec_id, rows, cols).await {
+                        tracing::debug!(session_id = %self.session_id, "sandbox terminal not resized: {err}");
+                    }
                 }
                 () = ends.close.cancelled() => { end_reason = Some("closed by the control plane".into()); break; }
                 () = ends.lost.cancelled() => { end_reason = Some("the control stream was lost".into()); break; }
@@ -1117,7 +1081,9 @@ impl ExecTerminal {
         }
         let exit_code = if end_reason.is_some() {
             // Ended from outside: the process must not outlive the session.
-            self.kill().await;
+            if let Err(err) = self.state.runtime.kill_exec(&self.exec_id).await {
+                tracing::warn!(session_id = %self.session_id, "sandbox terminal process not killed: {err}");
+            }
             137
         } else {
             i32::try_from(self.state.exit_code(&self.exec_id).await).unwrap_or(-1)
@@ -1140,25 +1106,6 @@ impl ExecTerminal {
             reason,
         }));
         let _ = self.link.send_event(exit).await;
-    }
-
-    /// Docker has no API to end an exec: its process is killed by its pid
-    /// (the engine reports the host's pid), if it still runs.
-    async fn kill(&self) {
-        if let Ok(inspect) = self.docker.inspect_exec(&self.exec_id).await {
-            if inspect.running == Some(true) {
-                if let Some(pid) = inspect
-                    .pid
-                    .and_then(|p| i32::try_from(p).ok())
-                    .filter(|p| *p > 1)
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
     }
 }
 
@@ -1504,5 +1451,537 @@ mod tests {
             panic!()
         };
         assert_eq!(end.reason, "cancelled");
+    }
+
+    // ---- the modules over a fake runtime ----
+
+    use crate::sandbox::fake::{ExecCall, FakeRuntime};
+    use futures::FutureExt;
+    use tokio::io::AsyncReadExt;
+
+    struct Harness {
+        fake: Arc<FakeRuntime>,
+        terminals: Arc<HostTerminal>,
+        io: Arc<SandboxIo>,
+        uploads: Arc<SandboxUploads>,
+    }
+
+    fn harness() -> Harness {
+        let fake = Arc::new(FakeRuntime::default());
+        fake.add_running("c1", &[]);
+        let terminals = HostTerminal::new(false);
+        let (io, _, uploads) = modules(terminals.clone(), fake.clone());
+        Harness {
+            fake,
+            terminals,
+            io,
+            uploads,
+        }
+    }
+
+    fn cmd(kind: command::Kind) -> Command {
+        Command {
+            request_id: "req-1".into(),
+            kind: Some(kind),
+            ..Default::default()
+        }
+    }
+
+    /// The events sent on `rx` up to and including the first that `last`
+    /// accepts.
+    async fn events_until(
+        rx: &mut mpsc::Receiver<proto::AgentMessage>,
+        last: impl Fn(&proto::Event) -> bool,
+    ) -> Vec<proto::Event> {
+        let mut events = Vec::new();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("an event within 10 s")
+                .expect("the link is open");
+            if let Some(proto::agent_message::Body::Event(ev)) = message.body {
+                let done = last(&ev);
+                events.push(ev);
+                if done {
+                    return events;
+                }
+            }
+        }
+    }
+
+    fn is_stream_end(ev: &proto::Event) -> bool {
+        matches!(ev.payload, Some(event::Payload::SandboxStreamEnd(_)))
+    }
+
+    #[tokio::test]
+    async fn logs_stream_from_the_runtime_with_their_source_and_tail() {
+        let h = harness();
+        let line = |source, text: &str| OutputChunk {
+            source,
+            data: text.as_bytes().to_vec(),
+        };
+        h.fake.state().logs.insert(
+            "c1".into(),
+            vec![
+                line(OutputSource::Stdout, "one\n"),
+                line(OutputSource::Stderr, "two\n"),
+                line(OutputSource::Stdout, "three\n"),
+            ],
+        );
+        let (link, mut rx) = Link::channel(64);
+        let logs = |container: &str, tail| {
+            cmd(command::Kind::SandboxLogs(proto::SandboxLogs {
+                stream_id: "s1".into(),
+                sandbox_id: "sbx_1".into(),
+                container_id: container.into(),
+                tail,
+                ..Default::default()
+            }))
+        };
+        let outcome = h.io.clone().handle(logs("c1", 2), link.clone()).await;
+        assert!(
+            matches!(outcome, Ok(command_result::Kind::Ack(_))),
+            "{outcome:?}"
+        );
+        let events = events_until(&mut rx, is_stream_end).await;
+        let chunks: Vec<(String, String)> = events
+            .iter()
+            .filter_map(|ev| match &ev.payload {
+                Some(event::Payload::SandboxStreamChunk(c)) => Some((
+                    c.source.clone(),
+                    String::from_utf8_lossy(&c.data).into_owned(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            chunks,
+            [
+                ("stderr".to_owned(), "two\n".to_owned()),
+                ("stdout".to_owned(), "three\n".to_owned())
+            ]
+        );
+        let Some(event::Payload::SandboxStreamEnd(end)) = &events.last().unwrap().payload else {
+            unreachable!()
+        };
+        assert_eq!((end.chunks, end.bytes), (2, 10));
+        assert_eq!(end.reason, "end of the logs");
+        assert!(end.error.is_empty());
+
+        // A container the engine does not know: the engine's message, at once.
+        let err =
+            h.io.clone()
+                .handle(logs("gone", 0), link)
+                .await
+                .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+        assert_eq!(err.message, "sandbox `sbx_1`: No such container: gone");
+        // No container at all in the record.
+        let (link, _rx) = Link::channel(4);
+        let err = h.io.clone().handle(logs("", 0), link).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    }
+
+    /// A shell of sorts: answers each line of input, exits on `exit N`.
+    fn shell(mut call: ExecCall) -> futures::future::BoxFuture<'static, i64> {
+        async move {
+            let mut typed = Vec::new();
+            let mut buf = [0u8; 256];
+            loop {
+                let n = call.stdin.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return 0;
+                }
+                typed.extend_from_slice(&buf[..n]);
+                while let Some(end) = typed.iter().position(|b| *b == b'\n') {
+                    let line = String::from_utf8_lossy(&typed[..end]).trim().to_owned();
+                    typed.drain(..=end);
+                    if let Some(code) = line.strip_prefix("exit ") {
+                        return code.parse().unwrap_or(1);
+                    }
+                    call.stdout(&format!("ran: {line}\r\n")).await;
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn open_terminal(session: &str, command: &[&str]) -> Command {
+        cmd(command::Kind::SandboxTerminalOpen(
+            proto::SandboxTerminalOpen {
+                session_id: session.into(),
+                sandbox_id: "sbx_1".into(),
+                container_id: "c1".into(),
+                rows: 30,
+                cols: 100,
+                command: command.iter().map(|c| (*c).to_owned()).collect(),
+                ..Default::default()
+            },
+        ))
+    }
+
+    async fn terminal_input(h: &Harness, session: &str, data: &str) {
+        let (link, _rx) = Link::channel(4);
+        h.terminals
+            .clone()
+            .handle(
+                cmd(command::Kind::TerminalInput(proto::TerminalInput {
+                    session_id: session.into(),
+                    data: data.as_bytes().to_vec(),
+                })),
+                link,
+            )
+            .await
+            .unwrap();
+    }
+
+    fn terminal_exit(events: &[proto::Event]) -> &TerminalExit {
+        match &events.last().unwrap().payload {
+            Some(event::Payload::TerminalExit(exit)) => exit,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn is_exit(ev: &proto::Event) -> bool {
+        matches!(ev.payload, Some(event::Payload::TerminalExit(_)))
+    }
+
+    #[tokio::test]
+    async fn a_terminal_runs_a_command_shows_its_output_and_exit_code() {
+        let h = harness();
+        h.fake.script(shell);
+        let (link, mut rx) = Link::channel(64);
+        let opened = h.io.clone().handle(open_terminal("t1", &[]), link).await;
+        assert!(
+            matches!(opened, Ok(command_result::Kind::TerminalOpened(_))),
+            "{opened:?}"
+        );
+        assert_eq!(h.fake.state().exec_log, [["/bin/sh"]]);
+        terminal_input(&h, "t1", "echo hi\nexit 3\n").await;
+        let events = events_until(&mut rx, is_exit).await;
+        let output: String = events
+            .iter()
+            .filter_map(|ev| match &ev.payload {
+                Some(event::Payload::TerminalOutput(o)) => {
+                    Some(String::from_utf8_lossy(&o.data).into_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(output, "ran: echo hi\r\n");
+        let exit = terminal_exit(&events);
+        assert_eq!((exit.exit_code, exit.reason.as_str()), (3, "exited"));
+        assert!(h.fake.state().killed.is_empty());
+
+        // Closed by the control plane: the process is killed, not left behind.
+        let (link, mut rx) = Link::channel(64);
+        h.io.clone()
+            .handle(open_terminal("t2", &["sleep", "60"]), link)
+            .await
+            .unwrap();
+        let (close_link, _rx) = Link::channel(4);
+        h.terminals
+            .clone()
+            .handle(
+                cmd(command::Kind::TerminalClose(proto::TerminalClose {
+                    session_id: "t2".into(),
+                })),
+                close_link,
+            )
+            .await
+            .unwrap();
+        let events = events_until(&mut rx, is_exit).await;
+        let exit = terminal_exit(&events);
+        assert_eq!(exit.exit_code, 137);
+        assert_eq!(exit.reason, "closed by the control plane");
+        assert_eq!(h.fake.state().killed.len(), 1);
+
+        // A stopped container: the engine's refusal, and no session left.
+        h.fake.state().containers.get_mut("c1").unwrap().1.running = false;
+        let (link, _rx) = Link::channel(4);
+        let err =
+            h.io.clone()
+                .handle(open_terminal("t3", &[]), link)
+                .await
+                .unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition);
+        assert!(
+            err.message.contains("Container c1 is not running"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// `stat`, `cat` and `dd` over one in-memory file system.
+    fn files(
+        fs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    ) -> impl Fn(ExecCall) -> futures::future::BoxFuture<'static, i64> + Send + Sync + 'static {
+        move |mut call: ExecCall| {
+            let fs = fs.clone();
+            async move {
+                let cmd = call.spec.cmd.clone();
+                match cmd[0].as_str() {
+                    "stat" => {
+                        let path = cmd.last().unwrap();
+                        let size = locked(&fs).get(path).map(Vec::len);
+                        match size {
+                            Some(size) => {
+                                call.stdout(&format!(
+                                    "regular file|{size}|644|1700000000|{path}\n"
+                                ))
+                                .await;
+                                0
+                            }
+                            None if path == "/tmp" => {
+                                call.stdout("directory|4096|1777|1700000000|/tmp\n").await;
+                                0
+                            }
+                            None => {
+                                call.stderr(&format!(
+                                    "stat: can't stat '{path}': No such file or directory\n"
+                                ))
+                                .await;
+                                1
+                            }
+                        }
+                    }
+                    "cat" => {
+                        let path = cmd.last().unwrap();
+                        let data = locked(&fs).get(path).cloned().unwrap_or_default();
+                        for part in data.chunks(1000) {
+                            call.stdout(&String::from_utf8_lossy(part)).await;
+                        }
+                        0
+                    }
+                    "dd" => {
+                        let path = cmd[1].trim_start_matches("of=").to_owned();
+                        let mut data = Vec::new();
+                        call.stdin.read_to_end(&mut data).await.unwrap();
+                        locked(&fs).insert(path, data);
+                        0
+                    }
+                    other => {
+                        call.stderr(&format!("{other}: not found")).await;
+                        127
+                    }
+                }
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn files_go_in_and_out_through_execs() {
+        let h = harness();
+        let fs = Arc::new(Mutex::new(HashMap::new()));
+        h.fake.script(files(fs.clone()));
+        let content: Vec<u8> = (0..5000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let (link, _rx) = Link::channel(4);
+        let opened =
+            h.io.clone()
+                .handle(
+                    cmd(command::Kind::SandboxFilePutOpen(
+                        proto::SandboxFilePutOpen {
+                            stream_id: "up1".into(),
+                            sandbox_id: "sbx_1".into(),
+                            container_id: "c1".into(),
+                            path: "/tmp/f".into(),
+                        },
+                    )),
+                    link,
+                )
+                .await;
+        assert!(
+            matches!(opened, Ok(command_result::Kind::Ack(_))),
+            "{opened:?}"
+        );
+        let parts: Vec<&[u8]> = content.chunks(2048).collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (link, _rx) = Link::channel(4);
+            let outcome = h
+                .uploads
+                .clone()
+                .handle(
+                    cmd(command::Kind::SandboxFilePutChunk(
+                        proto::SandboxFilePutChunk {
+                            stream_id: "up1".into(),
+                            seq: i as u64 + 1,
+                            data: part.to_vec(),
+                            last: i + 1 == parts.len(),
+                        },
+                    )),
+                    link,
+                )
+                .await
+                .unwrap();
+            if i + 1 == parts.len() {
+                let command_result::Kind::SandboxFileInfo(info) = outcome else {
+                    panic!("{outcome:?}")
+                };
+                assert_eq!(info.size, content.len() as u64);
+            }
+        }
+        assert_eq!(locked(&fs)["/tmp/f"], content);
+
+        let (link, mut rx) = Link::channel(64);
+        let info =
+            h.io.clone()
+                .handle(
+                    cmd(command::Kind::SandboxFileGet(proto::SandboxFileGet {
+                        stream_id: "down1".into(),
+                        sandbox_id: "sbx_1".into(),
+                        container_id: "c1".into(),
+                        path: "/tmp/f".into(),
+                        window: 0,
+                    })),
+                    link.clone(),
+                )
+                .await
+                .unwrap();
+        let command_result::Kind::SandboxFileInfo(info) = info else {
+            panic!("{info:?}")
+        };
+        assert_eq!(info.size, 5000);
+        let events = events_until(&mut rx, is_stream_end).await;
+        let back: Vec<u8> = events
+            .iter()
+            .filter_map(|ev| match &ev.payload {
+                Some(event::Payload::SandboxStreamChunk(c)) => Some(c.data.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(back, content);
+
+        // The tool's own message, classified.
+        let get = |path: &str| {
+            cmd(command::Kind::SandboxFileGet(proto::SandboxFileGet {
+                stream_id: "down2".into(),
+                sandbox_id: "sbx_1".into(),
+                container_id: "c1".into(),
+                path: path.into(),
+                window: 0,
+            }))
+        };
+        let err =
+            h.io.clone()
+                .handle(get("/nope"), link.clone())
+                .await
+                .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+        assert!(
+            err.message
+                .starts_with("`/nope` does not exist: stat: can't stat"),
+            "{}",
+            err.message
+        );
+        let err = h.io.clone().handle(get("/tmp"), link).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    }
+
+    fn clone_cmd(url: &str) -> Command {
+        cmd(command::Kind::SandboxRepoClone(proto::SandboxRepoClone {
+            sandbox_id: "sbx_1".into(),
+            container_id: "c1".into(),
+            url: url.into(),
+            branch: "dev".into(),
+            path: "/work/app".into(),
+        }))
+    }
+
+    fn repo_result(outcome: CommandOutcome) -> SandboxRepoStatus {
+        match outcome {
+            Ok(command_result::Kind::SandboxRepoResult(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn repository_clone_ready_failed_and_already_done() {
+        let h = harness();
+        // The clone of `good` works and leaves a repository behind; `missing`
+        // is refused by the server.
+        let cloned = Arc::new(Mutex::new(None::<String>));
+        let done = cloned.clone();
+        h.fake.script(move |call: ExecCall| {
+            let done = done.clone();
+            async move {
+                let cmd = call.spec.cmd.clone();
+                match (cmd[0].as_str(), cmd[1].as_str()) {
+                    ("git", "-C") => {
+                        let cloned = locked(&done).clone();
+                        match cloned {
+                        Some(url) => {
+                            call.stdout(&format!("{url}\n")).await;
+                            0
+                        }
+                        None => {
+                            call.stderr("fatal: cannot change to '/work/app': No such file or directory").await;
+                            128
+                        }
+                    }
+                    }
+                    ("git", "clone") => {
+                        let url = cmd[cmd.len() - 2].clone();
+                        if url.contains("missing") {
+                            call.stderr("Cloning into '/work/app'...\nfatal: remote error: access denied or repository not exported: /missing.git\n").await;
+                            128
+                        } else {
+                            *locked(&done) = Some(url);
+                            0
+                        }
+                    }
+                    _ => 127,
+                }
+            }
+            .boxed()
+        });
+        let (link, mut rx) = Link::channel(64);
+        let failed = repo_result(
+            h.io.clone()
+                .handle(clone_cmd("git://10.0.0.1/missing.git"), link.clone())
+                .await,
+        );
+        assert_eq!(failed.status, "failed");
+        assert!(
+            failed.error.starts_with("git clone: ")
+                && failed.error.contains("repository not exported"),
+            "{}",
+            failed.error
+        );
+        let events = events_until(&mut rx, |_| true).await;
+        assert_eq!(events[0].kind, "sandbox.repo.cloning");
+
+        let url = "git://10.0.0.1/app.git";
+        let ready = repo_result(h.io.clone().handle(clone_cmd(url), link.clone()).await);
+        assert_eq!((ready.status.as_str(), ready.error.as_str()), ("ready", ""));
+        let clones = |h: &Harness| {
+            h.fake
+                .state()
+                .exec_log
+                .iter()
+                .filter(|c| c[1] == "clone")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            clones(&h).last().unwrap(),
+            &["git", "clone", "--branch", "dev", "--", url, "/work/app"]
+        );
+        // Asked again (the first answer was lost with the stream): ready,
+        // without a second clone into the same path.
+        let again = repo_result(h.io.clone().handle(clone_cmd(url), link.clone()).await);
+        assert_eq!(again.status, "ready");
+        assert_eq!(clones(&h).len(), 2);
+
+        // The container stopped: the bootstrap fails with the engine's word.
+        h.fake.state().containers.get_mut("c1").unwrap().1.running = false;
+        let stopped = repo_result(h.io.clone().handle(clone_cmd(url), link).await);
+        assert_eq!(stopped.status, "failed");
+        assert!(
+            stopped.error.contains("is not running"),
+            "{}",
+            stopped.error
+        );
     }
 }

@@ -8,21 +8,31 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, Ipam, IpamConfig, NetworkCreateRequest,
     NetworkingConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, InspectNetworkOptions, ListContainersOptions,
-    ListImagesOptions, RemoveContainerOptions, StopContainerOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
+use futures::StreamExt;
 use tokio::sync::Mutex;
 
-use super::runtime::{ContainerInfo, ContainerSpec, ImageInfo, NetworkSpec, Runtime, RuntimeError};
+use super::runtime::{
+    ContainerInfo, ContainerSpec, Exec, ExecSpec, ExecState, ImageInfo, LogsRequest, NetworkSpec,
+    OutputChunk, OutputSource, OutputStream, Runtime, RuntimeError,
+};
 
-/// Time for one engine call (stop adds its own timeout).
+/// Largest piece of an exec's output the engine hands over at once.
+const OUTPUT_CAPACITY: usize = 64 * 1024;
+
+/// Time for one engine call to answer (stop adds its own timeout); the
+/// streams that follow an answer (logs, exec output) are not limited.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The Docker engine of `DOCKER_HOST`, or the local socket.
@@ -76,6 +86,30 @@ fn not_modified(err: &BollardError) -> bool {
             ..
         }
     )
+}
+
+/// Output of the engine as the runtime's chunks (stdin echoes dropped).
+fn output_of(
+    stream: impl futures::Stream<Item = Result<LogOutput, BollardError>> + Send + 'static,
+) -> OutputStream {
+    Box::pin(stream.filter_map(|item| {
+        std::future::ready(match item {
+            Ok(LogOutput::StdOut { message }) => Some(Ok(OutputChunk {
+                source: OutputSource::Stdout,
+                data: message.to_vec(),
+            })),
+            Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
+                source: OutputSource::Stderr,
+                data: message.to_vec(),
+            })),
+            Ok(LogOutput::Console { message }) => Some(Ok(OutputChunk {
+                source: OutputSource::Console,
+                data: message.to_vec(),
+            })),
+            Ok(LogOutput::StdIn { .. }) => None,
+            Err(err) => Some(Err(classify(err))),
+        })
+    }))
 }
 
 fn ms_of_rfc3339(text: Option<&str>) -> i64 {
@@ -356,5 +390,116 @@ impl Runtime for DockerRuntime {
                     .collect(),
             })
             .collect())
+    }
+
+    async fn logs(&self, id: &str, request: LogsRequest) -> Result<OutputStream, RuntimeError> {
+        let docker = self.docker().await?;
+        // The logs of an unknown container fail at once, not as a stream.
+        docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(classify)?;
+        let options = LogsOptions {
+            follow: request.follow,
+            stdout: true,
+            stderr: true,
+            tail: if request.tail == 0 {
+                "all".to_owned()
+            } else {
+                request.tail.to_string()
+            },
+            ..Default::default()
+        };
+        Ok(output_of(docker.logs(id, Some(options))))
+    }
+
+    async fn exec(&self, container: &str, spec: &ExecSpec) -> Result<Exec, RuntimeError> {
+        let docker = self.docker().await?;
+        let created = docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    attach_stdin: Some(spec.stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(spec.tty),
+                    env: (!spec.env.is_empty()).then(|| spec.env.clone()),
+                    cmd: Some(spec.cmd.clone()),
+                    ..CreateExecOptions::default()
+                },
+            )
+            .await
+            .map_err(classify)?;
+        let started = docker
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: spec.tty,
+                    output_capacity: Some(OUTPUT_CAPACITY),
+                }),
+            )
+            .await
+            .map_err(classify)?;
+        let StartExecResults::Attached { output, input } = started else {
+            return Err(RuntimeError::Engine(
+                "the engine started the exec detached".to_owned(),
+            ));
+        };
+        Ok(Exec {
+            id: created.id,
+            output: output_of(output),
+            input,
+        })
+    }
+
+    async fn inspect_exec(&self, exec_id: &str) -> Result<ExecState, RuntimeError> {
+        let docker = self.docker().await?;
+        let inspect = docker.inspect_exec(exec_id).await.map_err(classify)?;
+        let running = inspect.running == Some(true);
+        Ok(ExecState {
+            running,
+            exit_code: if running { None } else { inspect.exit_code },
+        })
+    }
+
+    async fn resize_exec(&self, exec_id: &str, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        let docker = self.docker().await?;
+        docker
+            .resize_exec(
+                exec_id,
+                ResizeExecOptions {
+                    height: rows,
+                    width: cols,
+                },
+            )
+            .await
+            .map_err(classify)
+    }
+
+    /// Docker has no API to end an exec: its process is killed by its pid
+    /// (the engine reports the host's pid), if it still runs.
+    async fn kill_exec(&self, exec_id: &str) -> Result<(), RuntimeError> {
+        let docker = self.docker().await?;
+        let inspect = docker.inspect_exec(exec_id).await.map_err(classify)?;
+        if inspect.running != Some(true) {
+            return Ok(());
+        }
+        let Some(pid) = inspect
+            .pid
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| *p > 1)
+        else {
+            return Ok(());
+        };
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(err) => Err(RuntimeError::Engine(format!(
+                "killing exec {exec_id} (pid {pid}): {err}"
+            ))),
+        }
     }
 }

@@ -18,11 +18,13 @@
 //! - Nothing is pulled: an image the engine does not hold fails the create
 //!   with the engine's message.
 //!
-//! Sandboxio (logs, terminal, files, repository bootstrap) builds on this:
-//! new command kinds go in [`KINDS`] (or a module of their own), new engine
-//! operations on [`Runtime`].
+//! Sandbox io (logs, terminal, files, repository bootstrap; `crate::sandbox_io`)
+//! runs on the same [`Runtime`]: new command kinds go in [`KINDS`] (or a
+//! module of their own), new engine operations on [`Runtime`].
 
 pub mod docker;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod runtime;
 pub mod settings;
 
@@ -35,9 +37,9 @@ use proto::{command, command_result, Command, ErrorCode, SandboxRuntime};
 
 use crate::dispatch::{CommandError, CommandKind, CommandOutcome, HandlerFuture, Link, Module};
 pub use runtime::{
-    Bind, ContainerInfo, ContainerSpec, ImageInfo, NetworkSpec, Runtime, RuntimeError,
-    LABEL_CLUSTER_ID, LABEL_HOST_ID, LABEL_MANAGED, LABEL_SANDBOX_ID, LABEL_SANDBOX_NAME,
-    LABEL_SCOPE,
+    Bind, ContainerInfo, ContainerSpec, Exec, ExecSpec, ExecState, ImageInfo, LogsRequest,
+    NetworkSpec, OutputChunk, OutputSource, OutputStream, Runtime, RuntimeError, LABEL_CLUSTER_ID,
+    LABEL_HOST_ID, LABEL_MANAGED, LABEL_SANDBOX_ID, LABEL_SANDBOX_NAME, LABEL_SCOPE,
 };
 pub use settings::SandboxSettings;
 

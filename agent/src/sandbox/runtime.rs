@@ -3,14 +3,18 @@
 //! in the unit tests. It speaks containers, networks and images, never
 //! sandboxes: the identity of a sandbox travels in the labels below.
 //!
-//! To extend it (exec, logs, copying files), add a method here with its own
-//! small types, implement it in `docker.rs`, and give the test fake an
-//! answer; the module keeps owning the policy (which container, which scope).
+//! Lifecycle (create, start, stop, remove, inspect, list), images, and the
+//! streams of `sandbox_io`: a container's logs and processes run in it
+//! (exec, attached or with a TTY). To extend it, add a method here with its
+//! own small types, implement it in `docker.rs`, and give the test fake an
+//! answer; the modules keep owning the policy (which container, which scope).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::Stream;
 use ipnet::Ipv4Net;
 
 /// `true` on every container and network the agent manages.
@@ -94,6 +98,74 @@ pub struct ImageInfo {
     pub repo_digests: Vec<String>,
 }
 
+/// Where a piece of a container's output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputSource {
+    Stdout,
+    Stderr,
+    /// A TTY's merged output.
+    Console,
+}
+
+/// A piece of a container's (or an exec's) output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub source: OutputSource,
+    pub data: Vec<u8>,
+}
+
+/// Output as it comes; an error ends it.
+pub type OutputStream = Pin<Box<dyn Stream<Item = Result<OutputChunk, RuntimeError>> + Send>>;
+
+/// A process's standard input.
+pub type InputSink = Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
+/// Which logs of a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogsRequest {
+    /// Keep going until the container stops.
+    pub follow: bool,
+    /// The last lines only; 0 = all.
+    pub tail: u64,
+}
+
+/// A process to run in a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    /// Attach its stdin (the [`Exec::input`] writes to it).
+    pub stdin: bool,
+    /// Give it a TTY (output comes merged, as [`OutputSource::Console`]).
+    pub tty: bool,
+    pub env: Vec<String>,
+}
+
+/// A started process in a container.
+pub struct Exec {
+    /// The engine's handle for [`Runtime::inspect_exec`] and friends.
+    pub id: String,
+    /// Its stdout and stderr (or TTY output), ending when it exits.
+    pub output: OutputStream,
+    /// Its stdin (a sink when it was not attached); shut it down for EOF.
+    pub input: InputSink,
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a process in a container is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecState {
+    pub running: bool,
+    /// Set once it has exited.
+    pub exit_code: Option<i64>,
+}
+
 /// What went wrong, carrying the engine's own message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
@@ -136,4 +208,14 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<Vec<ContainerInfo>, RuntimeError>;
     /// Every image the engine holds.
     async fn list_images(&self) -> Result<Vec<ImageInfo>, RuntimeError>;
+    /// The container's logs; `NotFound` when it does not exist.
+    async fn logs(&self, id: &str, request: LogsRequest) -> Result<OutputStream, RuntimeError>;
+    /// Starts a process in the running container, attached.
+    async fn exec(&self, container: &str, spec: &ExecSpec) -> Result<Exec, RuntimeError>;
+    /// Whether the process still runs, and its exit code once it ended.
+    async fn inspect_exec(&self, exec_id: &str) -> Result<ExecState, RuntimeError>;
+    /// Sets the TTY size of a process started with one.
+    async fn resize_exec(&self, exec_id: &str, rows: u16, cols: u16) -> Result<(), RuntimeError>;
+    /// Ends the process (SIGKILL) if it still runs.
+    async fn kill_exec(&self, exec_id: &str) -> Result<(), RuntimeError>;
 }

@@ -2,169 +2,9 @@
 //! error paths. The real engine is exercised in `tests/tests/sandbox_*.rs`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
+use super::fake::FakeRuntime;
 use super::*;
-
-/// An in-memory engine: containers, images and networks.
-#[derive(Default)]
-struct FakeRuntime {
-    state: Mutex<FakeState>,
-}
-
-#[derive(Default)]
-struct FakeState {
-    containers: HashMap<String, (ContainerSpec, ContainerInfo)>,
-    images: Vec<ImageInfo>,
-    networks: Vec<NetworkSpec>,
-    /// Images whose containers fail to start.
-    broken: Vec<String>,
-    next: u32,
-}
-
-impl FakeRuntime {
-    fn with_image(tag: &str) -> Arc<FakeRuntime> {
-        let fake = FakeRuntime::default();
-        fake.state.lock().unwrap().images.push(ImageInfo {
-            id: format!("sha256:{tag}-id"),
-            repo_tags: vec![tag.to_owned()],
-            repo_digests: Vec::new(),
-        });
-        Arc::new(fake)
-    }
-
-    fn spec_of(&self, id: &str) -> ContainerSpec {
-        self.state.lock().unwrap().containers[id].0.clone()
-    }
-
-    fn count(&self) -> usize {
-        self.state.lock().unwrap().containers.len()
-    }
-}
-
-#[async_trait::async_trait]
-impl Runtime for FakeRuntime {
-    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<(), RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        if let Some(existing) = state.networks.iter().find(|n| n.name == spec.name) {
-            if existing.subnet != spec.subnet {
-                return Err(RuntimeError::Conflict("other subnet".into()));
-            }
-            return Ok(());
-        }
-        state.networks.push(spec.clone());
-        Ok(())
-    }
-
-    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        let Some(image) = state
-            .images
-            .iter()
-            .find(|i| i.repo_tags.contains(&spec.image))
-            .cloned()
-        else {
-            return Err(RuntimeError::NotFound(format!(
-                "No such image: {}",
-                spec.image
-            )));
-        };
-        if state.containers.values().any(|(s, _)| s.name == spec.name) {
-            return Err(RuntimeError::Conflict(format!(
-                "Conflict. The container name \"/{}\" is already in use",
-                spec.name
-            )));
-        }
-        state.next += 1;
-        let id = format!("{:064x}", state.next);
-        let info = ContainerInfo {
-            id: id.clone(),
-            name: spec.name.clone(),
-            image: spec.image.clone(),
-            image_id: image.id,
-            state: "created".into(),
-            labels: spec.labels.clone(),
-            ..Default::default()
-        };
-        state.containers.insert(id.clone(), (spec.clone(), info));
-        Ok(id)
-    }
-
-    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        let broken = state.broken.clone();
-        let next = state.next;
-        let (spec, info) = state
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| RuntimeError::NotFound(format!("No such container: {id}")))?;
-        if broken.contains(&spec.image) {
-            return Err(RuntimeError::Invalid(
-                "OCI runtime create failed: exec: \"sh\": not found".into(),
-            ));
-        }
-        info.running = true;
-        info.state = "running".into();
-        info.addresses
-            .insert(spec.network.clone(), format!("10.213.0.{}", next + 1));
-        Ok(())
-    }
-
-    async fn stop_container(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        let (_, info) = state
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| RuntimeError::NotFound(format!("No such container: {id}")))?;
-        info.running = false;
-        info.state = "exited".into();
-        info.exit_code = 137;
-        info.addresses.clear();
-        Ok(())
-    }
-
-    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        state
-            .containers
-            .remove(id)
-            .map(drop)
-            .ok_or_else(|| RuntimeError::NotFound(format!("No such container: {id}")))
-    }
-
-    async fn inspect_container(&self, id: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .containers
-            .get(id)
-            .map(|(_, info)| info.clone()))
-    }
-
-    async fn list_containers(
-        &self,
-        labels: &[(&str, &str)],
-    ) -> Result<Vec<ContainerInfo>, RuntimeError> {
-        let state = self.state.lock().unwrap();
-        let mut out: Vec<ContainerInfo> = state
-            .containers
-            .values()
-            .map(|(_, info)| info.clone())
-            .filter(|info| {
-                labels
-                    .iter()
-                    .all(|(k, v)| info.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(out)
-    }
-
-    async fn list_images(&self) -> Result<Vec<ImageInfo>, RuntimeError> {
-        Ok(self.state.lock().unwrap().images.clone())
-    }
-}
 
 fn settings(scope: &str, roots: Vec<std::path::PathBuf>) -> SandboxSettings {
     SandboxSettings {
@@ -349,7 +189,7 @@ async fn missing_image_and_failed_start_leave_nothing_behind() {
     let err = m.create(create_cmd("sbx_1", "nope:1")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::NotFound);
     assert_eq!(err.message, "No such image: nope:1");
-    fake.state.lock().unwrap().broken.push("img:1".into());
+    fake.state().broken.push("img:1".into());
     let err = m.create(create_cmd("sbx_2", "img:1")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::FailedPrecondition);
     assert!(
@@ -363,6 +203,169 @@ async fn missing_image_and_failed_start_leave_nothing_behind() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidArgument);
+}
+
+#[tokio::test]
+async fn engine_refusals_carry_the_engine_message_and_leave_nothing() {
+    let fake = FakeRuntime::with_image("img:1");
+    let m = module(&fake, "s", "hst_a");
+    // The engine refuses the create itself.
+    fake.fail_next(
+        "create",
+        RuntimeError::Invalid("Minimum memory limit allowed is 6MB".into()),
+    );
+    let err = m.create(create_cmd("sbx_1", "img:1")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert_eq!(err.message, "Minimum memory limit allowed is 6MB");
+    assert_eq!(fake.count(), 0);
+    // No engine at all.
+    fake.fail_next(
+        "network",
+        RuntimeError::Unavailable("connect /var/run/docker.sock: no such file".into()),
+    );
+    let err = m.create(create_cmd("sbx_1", "img:1")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(
+        err.message,
+        "the container engine is unavailable: connect /var/run/docker.sock: no such file"
+    );
+    // A start that fails after the create: the container is removed again,
+    // and the create fails with the start's reason.
+    fake.fail_next(
+        "start",
+        RuntimeError::Engine("driver failed programming external connectivity".into()),
+    );
+    let err = m.create(create_cmd("sbx_1", "img:1")).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::FailedPrecondition);
+    assert_eq!(
+        err.message,
+        "the container did not start: container engine: driver failed programming external connectivity"
+    );
+    assert_eq!(fake.count(), 0);
+    // The sandbox can be created once the engine agrees.
+    runtime_of(m.create(create_cmd("sbx_1", "img:1")).await);
+}
+
+#[tokio::test]
+async fn operations_on_a_missing_container() {
+    let fake = FakeRuntime::with_image("img:1");
+    let m = module(&fake, "s", "hst_a");
+    let stop = |container: &str| proto::SandboxStop {
+        sandbox_id: "sbx_1".into(),
+        container_id: container.into(),
+        timeout_secs: 1,
+    };
+    let start = |container: &str| proto::SandboxStart {
+        sandbox_id: "sbx_1".into(),
+        container_id: container.into(),
+    };
+    // Never made: by its id, and by the sandbox id label.
+    for container in ["f00", ""] {
+        let err = m.stop(stop(container)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound, "{container}");
+        assert!(
+            err.message.contains("the container of sandbox sbx_1")
+                && err.message.contains("is gone from host hst_a"),
+            "{}",
+            err.message
+        );
+        let err = m.start(start(container)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+        let err = m
+            .inspect(proto::SandboxInspect {
+                sandbox_id: "sbx_1".into(),
+                container_id: container.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+    }
+    // Removed between the lookup and the stop: the engine's 404 passes.
+    let rt = runtime_of(m.create(create_cmd("sbx_1", "img:1")).await);
+    fake.fail_next(
+        "stop",
+        RuntimeError::NotFound(format!("No such container: {}", rt.container_id)),
+    );
+    let err = m.stop(stop(&rt.container_id)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("No such container"), "{}", err.message);
+
+    // Deprovision of a container that is already gone succeeds...
+    fake.state().containers.clear();
+    let remove = |container: &str| proto::SandboxRemove {
+        sandbox_id: "sbx_1".into(),
+        container_id: container.into(),
+    };
+    for container in [rt.container_id.as_str(), ""] {
+        let gone = runtime_of(m.remove(remove(container)).await);
+        assert_eq!(gone.state, "removed");
+        assert_eq!(gone.container_id, container);
+    }
+    // ... also when it vanishes between the lookup and the removal.
+    let rt = runtime_of(m.create(create_cmd("sbx_1", "img:1")).await);
+    fake.fail_next(
+        "remove",
+        RuntimeError::NotFound(format!("No such container: {}", rt.container_id)),
+    );
+    assert_eq!(
+        runtime_of(m.remove(remove(&rt.container_id)).await).state,
+        "removed"
+    );
+    // A stale container id still removes the sandbox's container of this
+    // scope (made by a create the control plane did not hear back from).
+    let gone = runtime_of(m.remove(remove("0ld")).await);
+    assert_eq!(gone.state, "removed");
+    assert_eq!(fake.count(), 0);
+    // An engine failure is not a removal: the caller must not archive.
+    let rt = runtime_of(m.create(create_cmd("sbx_1", "img:1")).await);
+    fake.fail_next(
+        "remove",
+        RuntimeError::Conflict("removal of container is already in progress".into()),
+    );
+    let err = m.remove(remove(&rt.container_id)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+    assert_eq!(err.message, "removal of container is already in progress");
+    assert_eq!(fake.count(), 1);
+}
+
+#[tokio::test]
+async fn inventory_lists_only_this_scope_and_reports_engine_failures() {
+    let fake = FakeRuntime::with_image("img:1");
+    let m = module(&fake, "s", "hst_new");
+    // A predecessor's container (same scope, another host id), one of
+    // another scope, and an unmanaged one.
+    fake.add_running(
+        "a",
+        &[
+            (LABEL_MANAGED, "true"),
+            (LABEL_SCOPE, "s"),
+            (LABEL_SANDBOX_ID, "sbx_a"),
+            (LABEL_HOST_ID, "hst_old"),
+        ],
+    );
+    fake.add_running("b", &[(LABEL_MANAGED, "true"), (LABEL_SCOPE, "other")]);
+    fake.add_running("c", &[(LABEL_SCOPE, "s")]);
+    let Ok(command_result::Kind::SandboxInventory(inventory)) = m.list().await else {
+        panic!()
+    };
+    assert_eq!(inventory.scope, "s");
+    assert_eq!(inventory.containers.len(), 1);
+    let found = &inventory.containers[0];
+    assert_eq!(
+        (
+            found.sandbox_id.as_str(),
+            found.host_id.as_str(),
+            found.container_id.as_str()
+        ),
+        ("sbx_a", "hst_old", "a")
+    );
+    fake.fail_next("list", RuntimeError::Unavailable("engine down".into()));
+    let err = m.list().await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    // Telemetry does without: nothing counted, nothing cached.
+    fake.fail_next("list", RuntimeError::Unavailable("engine down".into()));
+    fake.fail_next("images", RuntimeError::Unavailable("engine down".into()));
+    assert_eq!(m.facts().await, RuntimeFacts::default());
 }
 
 #[tokio::test]
