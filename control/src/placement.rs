@@ -130,31 +130,76 @@ impl fmt::Display for NoHost {
     }
 }
 
-/// Whether a host's telemetry lists the image: its reference as given or
-/// with the implied `:latest`, or (for a `sha256:`/`@sha256:` reference)
-/// its digest.
-pub fn image_cached(host: &Host, image: &str) -> bool {
-    let cached = &host.telemetry.cached_images;
-    if image.is_empty() {
-        return false;
-    }
-    let with_latest = implied_latest(image);
-    cached.iter().any(|c| {
-        c == image
-            || with_latest.as_deref() == Some(c.as_str())
-            || image
-                .split_once('@')
-                .is_some_and(|(_, digest)| c == digest || c.ends_with(&format!("@{digest}")))
-    })
+/// An image reference as the engine resolves it: the repository (Docker
+/// Hub's implied `docker.io/` and `library/` dropped, as the engine reports
+/// names), the tag and the digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    pub repository: &'a str,
+    pub tag: Option<&'a str>,
+    pub digest: Option<&'a str>,
 }
 
-/// `busybox` -> `busybox:latest`; None when a tag or digest is given.
-fn implied_latest(image: &str) -> Option<String> {
-    if image.contains('@') {
-        return None;
+impl<'a> ImageRef<'a> {
+    /// None for an image id (`sha256:...`) or an empty text.
+    pub fn parse(text: &'a str) -> Option<ImageRef<'a>> {
+        if text.is_empty() || text.starts_with("sha256:") {
+            return None;
+        }
+        let (name, digest) = match text.split_once('@') {
+            Some((name, digest)) => (name, Some(digest)),
+            None => (text, None),
+        };
+        // A tag follows the last `:` after the last `/` (a registry's port
+        // is not a tag).
+        let last = name.rfind('/').map_or(0, |i| i + 1);
+        let (repository, tag) = match name[last..].rfind(':') {
+            Some(i) => (&name[..last + i], Some(&name[last + i + 1..])),
+            None => (name, None),
+        };
+        let repository = repository
+            .strip_prefix("docker.io/")
+            .or_else(|| repository.strip_prefix("index.docker.io/"))
+            .unwrap_or(repository);
+        let repository = match repository.strip_prefix("library/") {
+            Some(short) if !short.contains('/') => short,
+            _ => repository,
+        };
+        (!repository.is_empty()).then_some(ImageRef {
+            repository,
+            tag,
+            digest,
+        })
     }
-    let last = image.rsplit('/').next().unwrap_or(image);
-    (!last.contains(':')).then(|| format!("{image}:latest"))
+}
+
+/// Whether a host's telemetry lists the image, as the engine would resolve
+/// the reference without a pull: an image id by itself; a reference with a
+/// digest by the repository digest the engine reports
+/// (`repository@sha256:...`, the same repository and digest; a tag beside
+/// the digest does not count, as for the engine); any other by repository
+/// and tag (`latest` when none is given).
+pub fn image_cached(host: &Host, image: &str) -> bool {
+    let cached = &host.telemetry.cached_images;
+    if image.starts_with("sha256:") {
+        return cached.iter().any(|c| c == image);
+    }
+    let Some(wanted) = ImageRef::parse(image) else {
+        return false;
+    };
+    cached
+        .iter()
+        .filter_map(|c| ImageRef::parse(c))
+        .any(|held| {
+            held.repository == wanted.repository
+                && match wanted.digest {
+                    Some(digest) => held.digest == Some(digest),
+                    None => {
+                        held.digest.is_none()
+                            && held.tag.unwrap_or("latest") == wanted.tag.unwrap_or("latest")
+                    }
+                }
+        })
 }
 
 /// Every reason the host cannot take the sandbox (empty = it can).
@@ -497,20 +542,67 @@ mod tests {
     #[test]
     fn cached_image_matching() {
         let mut h = host("hst_a");
+        let digest = format!("sha256:{}", "d".repeat(64));
         h.telemetry.cached_images = vec![
-            "busybox:latest".into(),
             "sha256:abc".into(),
-            "registry.example/app@sha256:def".into(),
+            "busybox:latest".into(),
+            format!("busybox@{digest}"),
+            "registry.example/app:1".into(),
+            format!("registry.example/app@{digest}"),
         ];
+        // Tags, with `latest` implied and Docker Hub's names shortened.
         assert!(image_cached(&h, "busybox"));
         assert!(image_cached(&h, "busybox:latest"));
+        assert!(image_cached(&h, "docker.io/library/busybox"));
+        assert!(image_cached(&h, "library/busybox:latest"));
         assert!(!image_cached(&h, "busybox:1"));
+        assert!(image_cached(&h, "registry.example/app:1"));
+        assert!(!image_cached(&h, "registry.example/app"));
+        // The image id.
         assert!(image_cached(&h, "sha256:abc"));
-        assert!(image_cached(&h, "registry.example/app@sha256:def"));
-        assert!(image_cached(&h, "other.example/app@sha256:def"));
+        assert!(!image_cached(&h, "sha256:abd"));
+        // Repository digests: the same repository and digest; a tag beside
+        // the digest is ignored, as the engine does.
+        assert!(image_cached(&h, &format!("busybox@{digest}")));
+        assert!(image_cached(
+            &h,
+            &format!("docker.io/library/busybox@{digest}")
+        ));
+        assert!(image_cached(&h, &format!("busybox:1.36@{digest}")));
+        assert!(image_cached(&h, &format!("registry.example/app@{digest}")));
+        // The digest alone in another repository cannot be run without a
+        // pull: not cached.
+        assert!(!image_cached(&h, &format!("other.example/app@{digest}")));
+        assert!(!image_cached(
+            &h,
+            &format!("busybox@sha256:{}", "e".repeat(64))
+        ));
+        // A digest is not a tag.
+        assert!(!image_cached(
+            &h,
+            &format!("registry.example/app:{}", "d".repeat(64))
+        ));
         assert!(!image_cached(&h, ""));
         // A registry port is not a tag.
         h.telemetry.cached_images = vec!["localhost:5000/app:latest".into()];
         assert!(image_cached(&h, "localhost:5000/app"));
+        assert!(!image_cached(&h, "localhost/app"));
+    }
+
+    #[test]
+    fn image_references_parse_as_the_engine_reads_them() {
+        let r = |t| ImageRef::parse(t).map(|r| (r.repository, r.tag, r.digest));
+        assert_eq!(r("busybox"), Some(("busybox", None, None)));
+        assert_eq!(
+            r("docker.io/library/busybox:1@sha256:x"),
+            Some(("busybox", Some("1"), Some("sha256:x")))
+        );
+        assert_eq!(r("docker.io/me/app"), Some(("me/app", None, None)));
+        assert_eq!(
+            r("localhost:5000/library/app:2"),
+            Some(("localhost:5000/library/app", Some("2"), None))
+        );
+        assert_eq!(r("sha256:abc"), None);
+        assert_eq!(r(""), None);
     }
 }

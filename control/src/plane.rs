@@ -68,6 +68,8 @@ pub struct ControlPlane {
     pub mesh: crate::mesh::MeshConfig,
     /// Serialises the operations on each sandbox.
     pub sandbox_locks: crate::sandboxes::SandboxLocks,
+    /// The repository clones in flight.
+    pub repo_bootstraps: crate::sandbox_io::RepoBootstraps,
     /// Wakes `host logs --follow` readers: carries the new event's host id.
     events: broadcast::Sender<String>,
 }
@@ -116,6 +118,7 @@ impl ControlPlane {
             netmaps: crate::netmaps::NetmapDelivery::default(),
             mesh,
             sandbox_locks: Default::default(),
+            repo_bootstraps: Default::default(),
             events,
         })
     }

@@ -522,34 +522,136 @@ impl ControlPlane {
     }
 }
 
+/// The repository clones in flight on this control plane, by sandbox id:
+/// one at a time per sandbox, whoever starts it (a create, a reprovision,
+/// a reconnect's reconciliation).
+#[derive(Debug, Default)]
+pub struct RepoBootstraps(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl RepoBootstraps {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a clone of the sandbox runs now.
+    pub fn in_flight(&self, sandbox_id: &str) -> bool {
+        self.set().contains(sandbox_id)
+    }
+}
+
+/// Held while a clone runs; frees the sandbox's slot when dropped.
+struct BootstrapClaim {
+    plane: Arc<ControlPlane>,
+    sandbox_id: String,
+}
+
+impl BootstrapClaim {
+    fn take(plane: &Arc<ControlPlane>, sandbox_id: &str) -> Option<BootstrapClaim> {
+        plane
+            .repo_bootstraps
+            .set()
+            .insert(sandbox_id.to_owned())
+            .then(|| BootstrapClaim {
+                plane: plane.clone(),
+                sandbox_id: sandbox_id.to_owned(),
+            })
+    }
+}
+
+impl Drop for BootstrapClaim {
+    fn drop(&mut self) {
+        self.plane.repo_bootstraps.set().remove(&self.sandbox_id);
+    }
+}
+
+/// Whether the sandbox's repository is still to be cloned: it has one, it
+/// runs, and the clone neither ended (`ready`, `failed`) nor runs now. A
+/// `cloning` record that no clone of this control plane serves was cut off
+/// (by a restart of the control plane) and is started again.
+pub fn repo_bootstrap_due(sandbox: &Sandbox, in_flight: bool) -> bool {
+    !sandbox.repo.url.is_empty()
+        && sandbox.status == SandboxStatus::Running
+        && matches!(sandbox.repo.status.as_str(), "pending" | "cloning")
+        && !in_flight
+}
+
+/// The repository status an agent's answer to a clone gives: its own
+/// verdict; `pending` again when the host went away before it answered
+/// (the clone starts again when the host reconnects); `failed` otherwise.
+pub fn clone_outcome(result: Result<proto::CommandResult, ControlError>) -> (String, String) {
+    match result {
+        Ok(proto::CommandResult {
+            kind: Some(command_result::Kind::SandboxRepoResult(r)),
+        }) => (r.status, r.error),
+        Ok(other) => (
+            "failed".to_owned(),
+            format!("the agent answered the clone with {other:?}"),
+        ),
+        Err(ControlError::Agent { message, .. }) => ("failed".to_owned(), message),
+        Err(err @ (ControlError::SessionClosed(_) | ControlError::CommandTimeout { .. })) => (
+            "pending".to_owned(),
+            format!("{err}; the clone starts again when the host reconnects"),
+        ),
+        Err(err) => ("failed".to_owned(), err.to_string()),
+    }
+}
+
 /// Starts the repository bootstrap of a sandbox that was just created or
 /// reprovisioned, if it has a repository and runs.
 pub fn start_repo_bootstrap(plane: &Arc<ControlPlane>, sandbox: &Sandbox) {
-    if !sandbox.repo.url.is_empty()
-        && sandbox.repo.status == "pending"
-        && sandbox.status == SandboxStatus::Running
-    {
+    if repo_bootstrap_due(sandbox, plane.repo_bootstraps.in_flight(&sandbox.id)) {
         tokio::spawn(bootstrap_repo(plane.clone(), sandbox.id.clone()));
+    }
+}
+
+/// After a host's reconnection (and on each resync): starts the clones of
+/// its running sandboxes that are still due (cut off by the disconnection,
+/// or of a create that was reconciled to `running`).
+pub fn resume_repo_bootstraps(plane: &Arc<ControlPlane>, host_id: &str) {
+    let running = plane.store.sandboxes(&crate::store::SandboxFilter {
+        host_id: Some(host_id.to_owned()),
+        statuses: vec![SandboxStatus::Running],
+        ..Default::default()
+    });
+    match running {
+        Ok(sandboxes) => {
+            for sandbox in sandboxes {
+                if repo_bootstrap_due(&sandbox, plane.repo_bootstraps.in_flight(&sandbox.id)) {
+                    tracing::info!(sandbox = %sandbox.id, host = host_id, "repository bootstrap resumed");
+                    start_repo_bootstrap(plane, &sandbox);
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(host = host_id, error = %err, "repository bootstraps not resumed")
+        }
     }
 }
 
 /// Repository bootstrap: once the sandbox runs, its agent clones the
 /// repository inside the container. The status goes `pending` ->
-/// `cloning` (the agent's event) -> `ready` or `failed` with the error. A
-/// failed clone fails the bootstrap, never the sandbox.
+/// `cloning` -> `ready` or `failed` with the error. A failed clone fails
+/// the bootstrap, never the sandbox. A host that is away leaves it
+/// `pending` until it reconnects.
 pub async fn bootstrap_repo(plane: Arc<ControlPlane>, sandbox_id: String) {
+    let Some(_claim) = BootstrapClaim::take(&plane, &sandbox_id) else {
+        return;
+    };
     let sandbox = match plane.sandbox_record(&sandbox_id) {
         Ok(s) => s,
         Err(_) => return,
     };
-    if sandbox.repo.url.is_empty()
-        || sandbox.repo.status != "pending"
-        || sandbox.status != SandboxStatus::Running
-    {
+    if !repo_bootstrap_due(&sandbox, false) {
         return;
     }
     let host = match plane.sandbox_host(&sandbox, "bootstrapped") {
         Ok(h) => h,
+        Err(err @ ControlError::SandboxHostUnavailable { .. }) => {
+            tracing::info!(sandbox = %sandbox_id, reason = %err, "repository bootstrap waits for the host");
+            return;
+        }
         Err(err) => {
             plane
                 .set_repo_status(&sandbox_id, "failed", &err.to_string())
@@ -562,6 +664,7 @@ pub async fn bootstrap_repo(plane: Arc<ControlPlane>, sandbox_id: String) {
     } else {
         sandbox.repo.path.clone()
     };
+    plane.set_repo_status(&sandbox_id, "cloning", "").await;
     let result = host
         .request(
             command::Kind::SandboxRepoClone(proto::SandboxRepoClone {
@@ -574,23 +677,101 @@ pub async fn bootstrap_repo(plane: Arc<ControlPlane>, sandbox_id: String) {
             CLONE_DEADLINE,
         )
         .await;
-    let (status, error) = match result {
-        Ok(proto::CommandResult {
-            kind: Some(command_result::Kind::SandboxRepoResult(r)),
-        }) => (r.status, r.error),
-        Ok(other) => (
-            "failed".to_owned(),
-            format!("the agent answered the clone with {other:?}"),
-        ),
-        Err(ControlError::Agent { message, .. }) => ("failed".to_owned(), message),
-        Err(err) => ("failed".to_owned(), err.to_string()),
-    };
+    let (status, error) = clone_outcome(result);
     plane.set_repo_status(&sandbox_id, &status, &error).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn repo_sandbox(status: SandboxStatus, repo_status: &str) -> Sandbox {
+        Sandbox {
+            id: "sbx_a".into(),
+            cluster_id: "cls_default".into(),
+            host_id: "hst_a".into(),
+            name: "a".into(),
+            image: "img:1".into(),
+            image_digest: String::new(),
+            blueprint_id: String::new(),
+            status,
+            status_message: String::new(),
+            container_id: "c1".into(),
+            container_name: "gstacks-sbx_a".into(),
+            addresses: Vec::new(),
+            docker_network: String::new(),
+            tags: Vec::new(),
+            traits: Vec::new(),
+            volumes: Vec::new(),
+            repo: crate::store::SandboxRepo {
+                url: "git://10.0.0.1/app.git".into(),
+                status: repo_status.into(),
+                ..Default::default()
+            },
+            memory_bytes: 0,
+            millicpus: 0,
+            created_by: String::new(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            archived_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_clone_is_due_while_pending_or_cut_off() {
+        for (status, repo, in_flight, due) in [
+            (SandboxStatus::Running, "pending", false, true),
+            // Cut off by a restart of the control plane: nobody serves it.
+            (SandboxStatus::Running, "cloning", false, true),
+            (SandboxStatus::Running, "cloning", true, false),
+            (SandboxStatus::Running, "pending", true, false),
+            (SandboxStatus::Running, "ready", false, false),
+            (SandboxStatus::Running, "failed", false, false),
+            // Waits for the container to run.
+            (SandboxStatus::Provisioning, "pending", false, false),
+            (SandboxStatus::Stopped, "pending", false, false),
+            (SandboxStatus::Archived, "pending", false, false),
+        ] {
+            assert_eq!(
+                repo_bootstrap_due(&repo_sandbox(status, repo), in_flight),
+                due,
+                "{status:?} {repo} in flight {in_flight}"
+            );
+        }
+        let mut without = repo_sandbox(SandboxStatus::Running, "");
+        without.repo.url.clear();
+        assert!(!repo_bootstrap_due(&without, false));
+    }
+
+    #[test]
+    fn a_clone_cut_off_by_the_host_is_pending_again() {
+        let (status, error) = clone_outcome(Err(ControlError::SessionClosed("hst_a".into())));
+        assert_eq!(status, "pending");
+        assert!(
+            error.ends_with("the clone starts again when the host reconnects"),
+            "{error}"
+        );
+        let (status, error) = clone_outcome(Err(ControlError::Agent {
+            host: "hst_a".into(),
+            request_id: "r".into(),
+            code: proto::ErrorCode::FailedPrecondition,
+            message: "container is not running".into(),
+        }));
+        assert_eq!(
+            (status.as_str(), error.as_str()),
+            ("failed", "container is not running")
+        );
+        let (status, error) = clone_outcome(Ok(proto::CommandResult {
+            kind: Some(command_result::Kind::SandboxRepoResult(
+                proto::SandboxRepoStatus {
+                    sandbox_id: "sbx_a".into(),
+                    status: "ready".into(),
+                    error: String::new(),
+                },
+            )),
+        }));
+        assert_eq!((status.as_str(), error.as_str()), ("ready", ""));
+    }
 
     #[test]
     fn acks_go_every_half_window() {

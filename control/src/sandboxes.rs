@@ -914,9 +914,10 @@ impl ControlPlane {
     }
 
     /// After a hello: asks the agent for every managed container of its
-    /// scope, rebinds them to their records (rediscovery), and settles the
-    /// records of this host whose container is gone.
-    pub async fn reconcile_sandboxes(&self, session: Arc<HostSession>) {
+    /// scope, rebinds them to their records (rediscovery), settles the
+    /// records of this host whose container is gone, and starts the
+    /// repository clones still due.
+    pub async fn reconcile_sandboxes(self: &Arc<Self>, session: Arc<HostSession>) {
         let host_id = session.host_id.clone();
         let asked_at = now_ms();
         let inventory = match session
@@ -950,6 +951,9 @@ impl ControlPlane {
         if let Err(err) = self.settle_missing(&host_id, &seen, asked_at).await {
             tracing::warn!(host = %host_id, error = %err, "missing containers not settled");
         }
+        // Clones cut off by the disconnection, or of creates that were
+        // reconciled to running, start (again).
+        crate::sandbox_io::resume_repo_bootstraps(self, &host_id);
     }
 
     async fn rediscover_one(&self, host_id: &str, runtime: &SandboxRuntime) -> Result<()> {
