@@ -3,13 +3,14 @@
 //! private runtime scope, network name and subnet per test agent, and
 //! cleanup of everything labelled with that scope, even when the test fails.
 //!
-//! The image `gstacks-test/busybox:1` is a `docker import` of a root file
+//! The test image ([`test_image`]) is a `docker import` of a root file
 //! system made of Debian's static busybox (`/bin/busybox` from
-//! busybox-static: `sh`, `httpd`, `nc`, ...) with `CMD ["/bin/sh"]`. It is
-//! built once per machine (an existing image is reused) under a file lock,
-//! so concurrent tests, and concurrent test binaries, build it once. It is
-//! the shared fixture of the sandbox tests and is left in place; tests
-//! remove every container and network they make.
+//! busybox-static: `sh`, `httpd`, `nc`, ...) with `CMD ["/bin/sh"]`, tagged
+//! `gstacks-test/busybox:p<pid>`: each test process has its own, built when
+//! its first test asks for it and removed when its last holder drops it, so
+//! the parallel tests of one binary share it and nothing stays behind.
+//! Images of test processes that died without cleaning up are removed by
+//! the next build. Tests remove every container and network they make.
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -17,8 +18,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-/// The test image's reference.
-pub const TEST_IMAGE: &str = "gstacks-test/busybox:1";
+/// The repository of the test images; the tag names the process.
+pub const TEST_IMAGE_REPOSITORY: &str = "gstacks-test/busybox";
 /// Label of every container and network an agent manages.
 pub const LABEL_SCOPE: &str = "io.globalstacks.scope";
 
@@ -61,32 +62,74 @@ pub fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// Builds [`TEST_IMAGE`] unless the engine already holds it; returns its
-/// reference. Safe to call from many tests and processes at once.
-pub fn test_image() -> &'static str {
-    static BUILT: Mutex<bool> = Mutex::new(false);
-    let mut built = BUILT
+/// Holders of this process's test image (built while there are any).
+static TEST_IMAGE_HOLDERS: Mutex<usize> = Mutex::new(0);
+
+/// This process's test image: built on the first call, removed when the
+/// last [`TestImage`] is dropped. Drop it after the containers made from
+/// it are gone (declare it after the [`DockerScope`]).
+pub fn test_image() -> TestImage {
+    let reference = format!("{TEST_IMAGE_REPOSITORY}:p{}", std::process::id());
+    let mut holders = TEST_IMAGE_HOLDERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *built {
-        return TEST_IMAGE;
+    if *holders == 0 {
+        remove_stale_test_images();
+        if !docker(&["image", "inspect", &reference]).status.success() {
+            build_image(&reference);
+        }
     }
-    // Across processes: one builder at a time (flock, released on close).
-    let lock_path = std::env::temp_dir().join("gstacks-test-image.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .expect("open the image lock file");
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("take the image lock");
-    if !docker(&["image", "inspect", TEST_IMAGE]).status.success() {
-        build_image(TEST_IMAGE);
+    *holders += 1;
+    TestImage { reference }
+}
+
+/// A hold on this process's test image (see [`test_image`]).
+#[derive(Debug)]
+pub struct TestImage {
+    reference: String,
+}
+
+impl TestImage {
+    /// `gstacks-test/busybox:p<pid>`.
+    pub fn reference(&self) -> &str {
+        &self.reference
     }
-    *built = true;
-    TEST_IMAGE
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let mut holders = TEST_IMAGE_HOLDERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *holders -= 1;
+        if *holders == 0 {
+            let out = docker(&["rmi", &self.reference]);
+            if !out.status.success() {
+                eprintln!(
+                    "test image {} not removed: {}",
+                    self.reference,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+}
+
+/// Removes the test images of processes that no longer run.
+fn remove_stale_test_images() {
+    let out = docker(&["images", TEST_IMAGE_REPOSITORY, "--format", "{{.Tag}}"]);
+    for tag in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(pid) = tag
+            .trim()
+            .strip_prefix('p')
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = docker(&["rmi", &format!("{TEST_IMAGE_REPOSITORY}:{}", tag.trim())]);
+        }
+    }
 }
 
 fn build_image(tag: &str) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use control_support::{wait_for, Agent, ControlPlane, WAIT};
 use serde_json::Value;
-use tests::docker::{docker, docker_ok, test_image, DockerScope};
+use tests::docker::{docker, docker_ok, test_image, DockerScope, TestImage};
 
 /// A control plane with the test image as its default, and one agent in a
 /// private Docker scope that allows volumes under `volume_root`.
@@ -22,8 +22,11 @@ struct Setup {
     agent: Agent,
     host_id: String,
     volume_root: PathBuf,
-    // Dropped last: removes the scope's containers and network.
+    // Dropped after the processes: removes the scope's containers and network.
     scope: DockerScope,
+    // Dropped last, once no container uses it: this process's test image
+    // goes with its last user.
+    image: TestImage,
 }
 
 fn agent_env(scope: &DockerScope, volume_root: &Path) -> Vec<(String, String)> {
@@ -71,7 +74,13 @@ fn setup() -> Option<Setup> {
     let data = dir.path().join("control");
     let cp = ControlPlane::start_with(
         &data,
-        &["--dev", "--default-image", image, "--sandbox-resync", "1"],
+        &[
+            "--dev",
+            "--default-image",
+            image.reference(),
+            "--sandbox-resync",
+            "1",
+        ],
         data.join("tls/cert.pem"),
     );
     let volume_root = dir.path().join("volumes");
@@ -101,6 +110,7 @@ fn setup() -> Option<Setup> {
         host_id,
         volume_root,
         scope,
+        image,
     })
 }
 
@@ -138,7 +148,7 @@ fn sandbox_lifecycle_on_the_docker_engine() {
     ]);
     assert_eq!(created["status"], "running", "{created}");
     assert_eq!(created["host_id"], s.host_id.as_str());
-    assert_eq!(created["image"], tests::docker::TEST_IMAGE);
+    assert_eq!(created["image"], s.image.reference());
     assert!(created["image_digest"]
         .as_str()
         .unwrap()
@@ -341,6 +351,15 @@ fn sandbox_bad_input_and_placement_refusals() {
         "{}",
         stderr(&out)
     );
+    for (spec, expected) in [
+        ("data:/x", "host path `data` must be absolute"),
+        ("/etc:x", "container path `x` must be absolute"),
+        ("/etc:/x:rx", "unknown mode `rx`"),
+    ] {
+        let out = cp.cli(&["sandbox", "create", "--volume", spec]);
+        assert_eq!(out.status.code(), Some(1), "{spec}");
+        assert!(stderr(&out).contains(expected), "{spec}: {}", stderr(&out));
+    }
     assert!(s.scope.containers().is_empty());
 
     // Image and blueprint together, an unknown blueprint.
@@ -359,8 +378,16 @@ fn sandbox_bad_input_and_placement_refusals() {
         stderr(&out)
     );
 
-    // An unknown sandbox id.
-    for verb in ["show", "start", "stop", "reprovision", "deprovision"] {
+    // An unknown sandbox id, for every verb that names one.
+    for verb in [
+        "show",
+        "start",
+        "stop",
+        "reprovision",
+        "deprovision",
+        "logs",
+        "terminal",
+    ] {
         let out = cp.cli(&["sandbox", verb, "sbx_000000000000"]);
         assert_eq!(out.status.code(), Some(1), "{verb}");
         assert!(
@@ -423,7 +450,7 @@ fn sandbox_rediscovered_after_agent_reinstall() {
             &label("scope", &s.scope.scope),
             "--label",
             &label("sandbox-id", sandbox_id),
-            tests::docker::TEST_IMAGE,
+            s.image.reference(),
         ]);
     }
 

@@ -30,6 +30,11 @@ impl Drop for Killed {
     }
 }
 
+/// `docker inspect --format <format> <id>`.
+fn inspect(id: &str, format: &str) -> String {
+    tests::docker::docker_ok(&["inspect", "--format", format, id])
+}
+
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -154,13 +159,132 @@ fn wait_repo(cp: &ControlPlane, id: &str, deadline: Duration) -> Value {
     )
 }
 
+/// A bare repository `app.git` (branch `dev`, a README) under
+/// `<dir>/repos`; returns that directory.
+fn bare_repository(dir: &Path) -> std::path::PathBuf {
+    let repos = dir.join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    let work = dir.join("work");
+    let git = |args: &[&str], cwd: &Path| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    std::fs::create_dir_all(&work).unwrap();
+    git(&["init", "-q", "-b", "main"], &work);
+    std::fs::write(work.join("README"), "hello from the dev branch\n").unwrap();
+    git(&["checkout", "-q", "-b", "dev"], &work);
+    git(&["add", "README"], &work);
+    git(&["commit", "-q", "-m", "first"], &work);
+    git(
+        &["clone", "-q", "--bare", work.to_str().unwrap(), "app.git"],
+        &repos,
+    );
+    repos
+}
+
+/// A TCP port free on `address` right now.
+fn free_port(address: &str) -> u16 {
+    let listener = std::net::TcpListener::bind((address, 0)).expect("bind the bridge gateway");
+    listener.local_addr().unwrap().port()
+}
+
+/// `git daemon` serving `repos` on `address:port`, listening on return.
+fn git_daemon(address: &str, port: u16, repos: &Path) -> Killed {
+    let daemon = Killed(
+        Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                &format!("--listen={address}"),
+                &format!("--port={port}"),
+                &format!("--base-path={}", repos.display()),
+            ])
+            .arg(repos)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon"),
+    );
+    wait_for("git daemon to listen", WAIT, || {
+        std::net::TcpStream::connect((address, port))
+            .ok()
+            .map(|_| ())
+    });
+    daemon
+}
+
+/// A server that accepts connections and never answers: a clone from it
+/// hangs until the server goes (dropping it closes every connection).
+struct BlackHole {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn start(address: &str) -> (BlackHole, u16) {
+        let listener = std::net::TcpListener::bind((address, 0)).expect("bind the bridge gateway");
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            held.push(stream);
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // An accept loop's idle period, not a synchronisation.
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        (
+            BlackHole {
+                stop,
+                accepted,
+                thread: Some(thread),
+            },
+            port,
+        )
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The whole life of a sandbox on the real engine, in order: create ->
+/// running -> exec (terminal: a command, its output and exit code) -> logs
+/// -> files put/get (100 MiB each way, checksum equal, memory bounded) ->
+/// stop (a `logs --follow` ends with it) -> start -> (listings, bad paths,
+/// repository bootstrap) -> deprovision -> `archived`, the container gone.
 #[test]
-fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
+fn sandbox_full_flow_on_docker() {
     if !tests::docker::available() {
         return;
     }
     // Dropped last: the image outlives the containers.
-    let image = GitImage::build(&format!("sbio-{}", std::process::id()));
+    let image = GitImage::build(&format!("sbio-{}-flow", std::process::id()));
     // Containers and the bridge go with the scope, even on failure.
     let docker = DockerScope::new();
     let gateway = docker.gateway.clone();
@@ -181,44 +305,13 @@ fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
     let host = agent.host_id();
     cp.wait_status(&host, "connected", WAIT);
 
+    // --- create -> running.
     let sandbox = create_sandbox(&cp, &["--image", &image.reference, "--host-id", &host]);
     assert_eq!(sandbox["status"], "running", "{sandbox}");
     let id = sandbox["id"].as_str().unwrap().to_owned();
-
-    // --- logs: stdout and stderr apart, --tail, --follow ends when the
-    // container stops.
-    let out = wait_for("the container's first lines", WAIT, || {
-        let out = cp.cli(&["sandbox", "logs", &id]);
-        assert!(out.status.success(), "{out:?}");
-        String::from_utf8_lossy(&out.stdout)
-            .contains("sandbox-hello-stdout")
-            .then_some(out)
-    });
-    // The sandbox's container has a TTY, so the engine merges its stderr
-    // into its output (a container without one keeps them apart).
-    let both = |out: &std::process::Output| {
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr_of(out))
-    };
-    assert!(both(&out).contains("sandbox-hello-stderr"), "{out:?}");
-    let out = cp.cli(&["sandbox", "logs", &id, "--tail", "1"]);
-    assert!(out.status.success(), "{out:?}");
-    assert!(both(&out).contains("sandbox-hello-stderr"), "{out:?}");
-    assert!(!both(&out).contains("sandbox-hello-stdout"), "{out:?}");
-    let (mut follow, follow_out) = cp.cli_spawn(&["sandbox", "logs", &id, "--follow"]);
-    wait_for("the follow to print", WAIT, || {
-        follow_out
-            .text()
-            .contains("sandbox-hello-stdout")
-            .then_some(())
-    });
-    let out = cp.cli(&["sandbox", "stop", &id]);
-    assert!(out.status.success(), "{out:?}");
-    let status = wait_for("logs --follow to end with the container", WAIT, || {
-        follow.try_wait().unwrap()
-    });
-    assert!(status.success(), "{}", follow_out.text());
-    let out = cp.cli(&["sandbox", "start", &id]);
-    assert!(out.status.success(), "{out:?}");
+    let container = sandbox["container"].as_str().unwrap().to_owned();
+    assert_eq!(inspect(&container, "{{.State.Running}}"), "true");
+    assert_eq!(docker.containers(), std::slice::from_ref(&container));
 
     // --- terminal: output and exit code; the backend's time limit closes it.
     let out = cp.cli_with_stdin(
@@ -254,6 +347,24 @@ fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
         "{out:?}"
     );
 
+    // --- logs: stdout and stderr apart, --tail.
+    let out = wait_for("the container's first lines", WAIT, || {
+        let out = cp.cli(&["sandbox", "logs", &id]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .contains("sandbox-hello-stdout")
+            .then_some(out)
+    });
+    // The sandbox's container has a TTY, so the engine merges its stderr
+    // into its output (a container without one keeps them apart).
+    let both = |out: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr_of(out))
+    };
+    assert!(both(&out).contains("sandbox-hello-stderr"), "{out:?}");
+    let out = cp.cli(&["sandbox", "logs", &id, "--tail", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(both(&out).contains("sandbox-hello-stderr"), "{out:?}");
+    assert!(!both(&out).contains("sandbox-hello-stdout"), "{out:?}");
     // --- files: 100 MiB each way with equal sha256, memory bounded.
     let size = 100 * 1024 * 1024;
     let local = dir.path().join("big.bin");
@@ -311,6 +422,26 @@ fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
         peaks[1] < idle[1] + 64 * 1024,
         "control RSS {peaks:?} {idle:?}"
     );
+
+    // --- stop (a follow ends with it) -> start.
+    let (mut follow, follow_out) = cp.cli_spawn(&["sandbox", "logs", &id, "--follow"]);
+    wait_for("the follow to print", WAIT, || {
+        follow_out
+            .text()
+            .contains("sandbox-hello-stdout")
+            .then_some(())
+    });
+    let stopped = cp.json(&["sandbox", "stop", &id]);
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert_eq!(inspect(&container, "{{.State.Running}}"), "false");
+    let status = wait_for("logs --follow to end with the container", WAIT, || {
+        follow.try_wait().unwrap()
+    });
+    assert!(status.success(), "{}", follow_out.text());
+    let started = cp.json(&["sandbox", "start", &id]);
+    assert_eq!(started["status"], "running", "{started}");
+    assert_eq!(started["container"], container.as_str());
+    assert_eq!(inspect(&container, "{{.State.Running}}"), "true");
 
     // ls: a directory's entries, and one file.
     let listing: Value = {
@@ -381,56 +512,9 @@ fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
     assert!(stderr_of(&out).contains("cannot read"), "{out:?}");
 
     // --- repository bootstrap from a local git daemon on the bridge gateway.
-    let repos = dir.path().join("repos");
-    std::fs::create_dir_all(&repos).unwrap();
-    let work = dir.path().join("work");
-    let git = |args: &[&str], cwd: &Path| {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(cwd)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.invalid")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-    };
-    std::fs::create_dir_all(&work).unwrap();
-    git(&["init", "-q", "-b", "main"], &work);
-    std::fs::write(work.join("README"), "hello from the dev branch\n").unwrap();
-    git(&["checkout", "-q", "-b", "dev"], &work);
-    git(&["add", "README"], &work);
-    git(&["commit", "-q", "-m", "first"], &work);
-    git(
-        &["clone", "-q", "--bare", work.to_str().unwrap(), "app.git"],
-        &repos,
-    );
-    let port = {
-        let l = std::net::TcpListener::bind((gateway.as_str(), 0)).expect("bridge gateway");
-        l.local_addr().unwrap().port()
-    };
-    let daemon = Killed(
-        Command::new("git")
-            .args([
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                &format!("--listen={gateway}"),
-                &format!("--port={port}"),
-                &format!("--base-path={}", repos.display()),
-            ])
-            .arg(&repos)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("git daemon"),
-    );
-    wait_for("git daemon to listen", WAIT, || {
-        std::net::TcpStream::connect((gateway.as_str(), port))
-            .ok()
-            .map(|_| ())
-    });
+    let repos = bare_repository(dir.path());
+    let port = free_port(&gateway);
+    let daemon = git_daemon(&gateway, port, &repos);
     let url = format!("git://{gateway}:{port}/app.git");
     let with_repo = create_sandbox(
         &cp,
@@ -500,8 +584,115 @@ fn sandbox_logs_terminal_files_and_repository_bootstrap_on_docker() {
     assert_eq!(settled["status"], "running", "{settled}");
     drop(daemon);
 
-    for sandbox in [&id, &repo_id, &bad_id] {
+    // --- deprovision: the container goes, the record stays, archived.
+    let archived = cp.json(&["sandbox", "deprovision", &id]);
+    assert_eq!(archived["status"], "archived", "{archived}");
+    assert!(
+        !tests::docker::docker(&["inspect", &container])
+            .status
+            .success(),
+        "container {container} still exists"
+    );
+    let shown = show(&cp, &id);
+    assert_eq!(shown["status"], "archived", "{shown}");
+    for sandbox in [&repo_id, &bad_id] {
         let out = cp.cli(&["sandbox", "deprovision", sandbox]);
         assert!(out.status.success(), "{out:?}");
     }
+    assert!(docker.containers().is_empty(), "{:?}", docker.containers());
+}
+
+/// A clone cut off by its host's disconnection goes back to `pending` and
+/// starts again when the host reconnects (reconciliation), then succeeds.
+#[test]
+fn repository_clone_cut_off_by_a_disconnect_starts_again_on_reconnect() {
+    use nix::sys::signal::Signal;
+    if !tests::docker::available() {
+        return;
+    }
+    let image = GitImage::build(&format!("sbio-{}-resume", std::process::id()));
+    let docker = DockerScope::new();
+    let gateway = docker.gateway.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("control"));
+    let (_, secret) = cp.token(&[]);
+    let agent = Agent::start(
+        &cp,
+        &dir.path().join("agent"),
+        Some(&secret),
+        &docker
+            .agent_env()
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    let host = agent.host_id();
+    cp.wait_status(&host, "connected", WAIT);
+    // A first sandbox makes the agent's bridge, where the servers listen.
+    let plain = create_sandbox(&cp, &["--image", &image.reference, "--host-id", &host]);
+    assert_eq!(plain["status"], "running", "{plain}");
+
+    // The clone hangs on a server that never answers.
+    let (hole, port) = BlackHole::start(&gateway);
+    let url = format!("git://{gateway}:{port}/app.git");
+    let sandbox = create_sandbox(
+        &cp,
+        &[
+            "--image",
+            &image.reference,
+            "--host-id",
+            &host,
+            "--repo-url",
+            &url,
+            "--repo-branch",
+            "dev",
+            "--repo-path",
+            "/work/app",
+        ],
+    );
+    let id = sandbox["id"].as_str().unwrap().to_owned();
+    wait_for("the clone to reach the server", WAIT, || {
+        (hole.accepted.load(Ordering::Relaxed) > 0 && show(&cp, &id)["repo"]["status"] == "cloning")
+            .then_some(())
+    });
+
+    // The host goes away mid-clone: the clone is pending again, saying why.
+    agent.signal(Signal::SIGSTOP);
+    cp.wait_status(&host, "disconnected", WAIT);
+    let pending = wait_for("the clone to be pending again", WAIT, || {
+        let s = show(&cp, &id);
+        (s["repo"]["status"] == "pending").then_some(s)
+    });
+    assert!(
+        pending["repo"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("the clone starts again when the host reconnects"),
+        "{pending}"
+    );
+    assert_eq!(pending["status"], "running", "{pending}");
+
+    // The repository is served now on the same port; the host comes back.
+    drop(hole);
+    let repos = bare_repository(dir.path());
+    let daemon = git_daemon(&gateway, port, &repos);
+    agent.signal(Signal::SIGCONT);
+    cp.wait_status(&host, "connected", WAIT);
+    let settled = wait_repo(&cp, &id, Duration::from_secs(60));
+    assert_eq!(settled["repo"]["status"], "ready", "{settled}");
+    let out = cp.cli(&["sandbox", "files", "get", &id, "/work/app/README", "-"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the dev branch\n"
+    );
+    let history = serde_json::to_string(&cp.json(&["sandbox", "show", &id])).unwrap();
+    assert!(history.contains("sandbox.repo.pending"), "{history}");
+    drop(daemon);
+
+    for sandbox in [plain["id"].as_str().unwrap(), id.as_str()] {
+        let out = cp.cli(&["sandbox", "deprovision", sandbox]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert!(docker.containers().is_empty());
 }
