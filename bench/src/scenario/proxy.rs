@@ -70,8 +70,8 @@ pub struct Options {
     pub dns_seconds: u64,
 }
 
-/// Runs everything in turn: policy, the raw mesh, loopback, the proxy path,
-/// DNS.
+/// Runs everything in turn: policy, DNS, the raw mesh, loopback, the proxy
+/// path.
 pub fn run(options: &Options) -> Result<Results> {
     netstack::raise_fd_limit();
     let mut results = Results::default();
@@ -81,13 +81,9 @@ pub fn run(options: &Options) -> Result<Results> {
     let rate = policy_rate(Duration::from_secs(1));
     results.record(SCENARIO, System::Gstacks, Metric::PolicyDecisionsPerS, rate);
 
-    netstack::run_mesh(seconds, &mut results);
-
-    let work = tempfile::tempdir().context("create a temporary directory")?;
-    if let Err(e) = proxy_and_loopback(seconds, work.path(), &mut results) {
-        results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}"));
-    }
-
+    // DNS before the runs that open tens of thousands of TCP connections:
+    // dnsmasq also listens on TCP on its port, which a local port left in
+    // TIME_WAIT makes unavailable ("Address already in use").
     eprintln!("proxy: dns");
     let dns_options = dns::Options {
         json: None,
@@ -98,6 +94,14 @@ pub fn run(options: &Options) -> Result<Results> {
         Ok(dns) => results.extend(dns),
         Err(e) => results.unavailable(dns::SCENARIO, System::Gstacks, None, format!("{e:#}")),
     }
+
+    netstack::run_mesh(seconds, &mut results);
+
+    let work = tempfile::tempdir().context("create a temporary directory")?;
+    if let Err(e) = proxy_and_loopback(seconds, work.path(), &mut results) {
+        results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}"));
+    }
+
     Ok(results)
 }
 
