@@ -1657,6 +1657,35 @@ mod tests {
             "{opened:?}"
         );
         assert_eq!(h.fake.state().exec_log, [["/bin/sh"]]);
+        // The size the terminal opened with reaches the engine, and so does a resize.
+        let resized = |h: &Harness| -> Vec<(u16, u16)> {
+            h.fake
+                .state()
+                .resized
+                .iter()
+                .map(|(_, rows, cols)| (*rows, *cols))
+                .collect()
+        };
+        assert_eq!(resized(&h), [(30, 100)]);
+        let (link, _rx) = Link::channel(4);
+        h.terminals
+            .clone()
+            .handle(
+                cmd(command::Kind::TerminalResize(proto::TerminalResize {
+                    session_id: "t1".into(),
+                    rows: 50,
+                    cols: 132,
+                })),
+                link,
+            )
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while resized(&h).len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(resized(&h), [(30, 100), (50, 132)]);
         terminal_input(&h, "t1", "echo hi\nexit 3\n").await;
         let events = events_until(&mut rx, is_exit).await;
         let output: String = events

@@ -81,6 +81,8 @@ pub struct FakeState {
     /// The commands of the execs, in start order.
     pub exec_log: Vec<Vec<String>>,
     pub killed: Vec<String>,
+    /// Every `resize_exec` that reached a known exec: (exec id, rows, cols).
+    pub resized: Vec<(String, u16, u16)>,
     aborts: HashMap<String, tokio::task::AbortHandle>,
     script: Option<ExecScript>,
     next: u32,
@@ -368,9 +370,10 @@ impl Runtime for FakeRuntime {
             .ok_or_else(|| RuntimeError::NotFound(format!("No such exec instance: {exec_id}")))
     }
 
-    async fn resize_exec(&self, exec_id: &str, _rows: u16, _cols: u16) -> Result<(), RuntimeError> {
+    async fn resize_exec(&self, exec_id: &str, rows: u16, cols: u16) -> Result<(), RuntimeError> {
         self.fault("resize_exec")?;
         if lock(&self.execs).contains_key(exec_id) {
+            self.state().resized.push((exec_id.to_owned(), rows, cols));
             Ok(())
         } else {
             Err(RuntimeError::NotFound(format!(
