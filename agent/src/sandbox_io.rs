@@ -243,6 +243,13 @@ fn engine_error(what: &str, err: RuntimeError) -> CommandError {
     CommandError::new(code, format!("{what}: {err}"))
 }
 
+/// The control plane ends a sandbox terminal at its time limit (and tells
+/// the operator so); the agent's own timer is a backstop for a close that
+/// never arrives, so it fires this much later instead of racing the control
+/// plane's (which made the operator see a bare exit 137 instead of the
+/// time-limit message).
+const EXPIRY_BACKSTOP: Duration = Duration::from_secs(5);
+
 /// How long [`SandboxIoState::exit_code`] waits for an exec to be reaped.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
 
@@ -1042,7 +1049,7 @@ struct ExecTerminal {
 
 impl ExecTerminal {
     async fn run(self, mut output: OutputStream, mut input: InputSink, mut ends: SessionEnds) {
-        let expire = tokio::time::sleep(self.max_duration);
+        let expire = tokio::time::sleep(self.max_duration + EXPIRY_BACKSTOP);
         tokio::pin!(expire);
         let mut end_reason: Option<String> = None;
         loop {
