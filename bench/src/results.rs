@@ -192,17 +192,31 @@ impl Results {
                 ratios.join(", ")
             );
         }
-        for gap in self.unavailable.iter().filter(|u| u.scenario == scenario) {
+        self.write_unavailable(&mut out, Some(scenario));
+        out
+    }
+
+    /// One `unavailable:` line per figure that could not be measured: of
+    /// `scenario` only, or of every scenario (then named on each line).
+    pub fn write_unavailable(&self, out: &mut String, scenario: Option<&str>) {
+        let gaps = self
+            .unavailable
+            .iter()
+            .filter(|u| scenario.is_none_or(|s| u.scenario == s));
+        for gap in gaps {
             let what = gap.metric.map(Metric::name).unwrap_or("all metrics");
+            let which = match scenario {
+                Some(_) => String::new(),
+                None => format!("{} ", gap.scenario),
+            };
             let _ = writeln!(
                 out,
-                "unavailable: {} {}: {}",
+                "unavailable: {which}{} {}: {}",
                 gap.system.name(),
                 what,
                 gap.reason
             );
         }
-        out
     }
 }
 

@@ -407,17 +407,7 @@ pub fn table(results: &Results) -> String {
             ratios.join(", "),
         );
     }
-    for gap in &results.unavailable {
-        let what = gap.metric.map(Metric::name).unwrap_or("all metrics");
-        let _ = writeln!(
-            out,
-            "unavailable: {} {} {}: {}",
-            gap.scenario,
-            gap.system.name(),
-            what,
-            gap.reason
-        );
-    }
+    results.write_unavailable(&mut out, None);
     out
 }
 
