@@ -62,3 +62,35 @@ pub fn binary(name: &str) -> PathBuf {
     assert!(path.exists(), "no binary {}", path.display());
     path
 }
+
+/// `len` bytes of a xorshift sequence from `seed` (non-zero): data that a
+/// lost, repeated or reordered block shows up in.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Reads `stream` until EOF or an error (the peer closed or reset it) and
+/// returns how long that took; panics if it is still open after `limit`.
+pub async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    limit: std::time::Duration,
+) -> std::time::Duration {
+    use tokio::io::AsyncReadExt as _;
+    let start = tokio::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(start + limit, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection stayed open for {limit:?}"),
+        }
+    }
+}

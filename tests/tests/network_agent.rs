@@ -283,31 +283,6 @@ async fn echo_through(stream: &mut TcpStream, data: &[u8]) -> Vec<u8> {
     echoed
 }
 
-/// Waits until the peer closes `stream` (EOF or reset); returns how long it took.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0u8; 64];
-    loop {
-        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
-            Ok(Ok(_)) => continue,
-            Err(_) => panic!("the connection was not closed within {limit:?}"),
-        }
-    }
-}
-
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 // --- a minimal DNS client (one question, class IN) ---
 
 fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
@@ -479,7 +454,7 @@ async fn dns_answers_and_a_sandbox_reaches_another_over_the_mesh() {
     assert_ne!(web.ip(), listener.ip());
 
     // sandbox web (h1) -> listener -> policy -> mesh -> h2 -> sandbox api.
-    let data = pattern(4 * 1024 * 1024);
+    let data = tests::pattern(4 * 1024 * 1024, 0x1234_5678);
     let mut stream = connect_from(world.web_addr, listener).await.unwrap();
     let echoed = echo_through(&mut stream, &data).await;
     assert_eq!(echoed.len(), data.len());
@@ -535,7 +510,7 @@ async fn denied_connections_are_closed_counted_and_reported() {
     // An address that is no sandbox of h1.
     let stranger = Ipv4Addr::new(127, 92, 0, 99);
     let mut stream = connect_from(stranger, listener).await.unwrap();
-    closed_within(&mut stream, WAIT).await;
+    tests::closed_within(&mut stream, WAIT).await;
     assert_eq!(a.network.stats().denied.load(Ordering::Relaxed), 1);
     let ev = a.denied_event().await;
     assert_eq!(ev.fields["network"], "dev");
@@ -552,7 +527,7 @@ async fn denied_connections_are_closed_counted_and_reported() {
     world.rules.clear();
     reapply(&a, &b, &mut world).await;
     let mut stream = connect_from(world.web_addr, listener).await.unwrap();
-    closed_within(&mut stream, WAIT).await;
+    tests::closed_within(&mut stream, WAIT).await;
     assert_eq!(a.network.stats().denied.load(Ordering::Relaxed), 2);
     let ev = a.denied_event().await;
     assert_eq!(ev.fields["source"], "sandbox:sbx_web");
@@ -609,8 +584,8 @@ async fn removing_the_allow_rule_closes_the_connection_within_a_second() {
         .send_replace(Some(world.netmap_for(&a, vec![b.peer(b_udp)], &[&a, &b])));
     b.netmaps
         .send_replace(Some(world.netmap_for(&b, vec![a.peer(a_udp)], &[&a, &b])));
-    closed_within(&mut kept, Duration::from_secs(1)).await;
-    closed_within(&mut closing, Duration::from_secs(1)).await;
+    tests::closed_within(&mut kept, Duration::from_secs(1)).await;
+    tests::closed_within(&mut closing, Duration::from_secs(1)).await;
     assert!(
         start.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -962,7 +937,7 @@ async fn a_container_resolves_and_reaches_an_alias_through_the_gateway_root_netn
     );
 
     let port = world.api_port;
-    let data = pattern(1024 * 1024);
+    let data = tests::pattern(1024 * 1024, 0x1234_5678);
     let expected = data.clone();
     let (answer, echoed) = ns
         .run(move || {

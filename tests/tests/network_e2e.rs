@@ -49,18 +49,6 @@ async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStre
     socket.connect(to).await
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Sends `data` and reads the echo back: its SHA-256.
 async fn echo_checksum(stream: TcpStream, data: Vec<u8>) -> [u8; 32] {
     let (mut r, mut w) = stream.into_split();
@@ -75,19 +63,6 @@ async fn echo_checksum(stream: TcpStream, data: Vec<u8>) -> [u8; 32] {
         .unwrap();
     writer.await.unwrap();
     Sha256::digest(&back).into()
-}
-
-/// Reads until EOF or error; how long that took.
-async fn closed_within(stream: &mut TcpStream) -> Duration {
-    let start = tokio::time::Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
-            Ok(Ok(_)) => continue,
-            Err(_) => panic!("the connection stayed open for {WAIT:?}"),
-        }
-    }
 }
 
 /// `dig` from Debian's dnsutils against the agent's DNS, if installed.
@@ -218,7 +193,7 @@ async fn sandbox_reaches_sandbox_through_two_real_agents_driven_by_the_control_p
 
     // 4 MiB web -> listener on A -> mesh -> B -> echo, checksum kept.
     let listener_a = SocketAddr::new(ip_a.into(), API_PORT);
-    let data = pattern(4 << 20);
+    let data = tests::pattern(4 << 20, 0x9e37_79b9);
     let expected: [u8; 32] = Sha256::digest(&data).into();
     let stream = connect_from(web_ip, listener_a).await.unwrap();
     assert_eq!(echo_checksum(stream, data).await, expected);
@@ -227,7 +202,7 @@ async fn sandbox_reaches_sandbox_through_two_real_agents_driven_by_the_control_p
     // plane from the agent's event.
     let web_listener = SocketAddr::new(ip_a.into(), WEB_PORT);
     let mut denied = connect_from(web_ip, web_listener).await.unwrap();
-    closed_within(&mut denied).await;
+    tests::closed_within(&mut denied, WAIT).await;
     tests_wait(|| async {
         let shown = cluster.json(&["network", "show", "dev"]).await;
         (shown["denied_connections"].as_u64()? >= 1).then_some(())
@@ -245,7 +220,7 @@ async fn sandbox_reaches_sandbox_through_two_real_agents_driven_by_the_control_p
     cluster
         .json(&["network", "policy", "remove", "dev", &rule_id])
         .await;
-    let took = closed_within(&mut open).await;
+    let took = tests::closed_within(&mut open, WAIT).await;
     println!("connection closed {took:?} after the rule removal returned");
     let out = cluster
         .cli(&["network", "test", "dev", "sandbox:sbx_web", &target])
@@ -269,7 +244,7 @@ async fn sandbox_reaches_sandbox_through_two_real_agents_driven_by_the_control_p
     // Until A is back with its netmap applied, the connect or the echo fails.
     tests_wait(|| async {
         let stream = connect_from(web_ip, listener_a).await.ok()?;
-        let data = pattern(64 << 10);
+        let data = tests::pattern(64 << 10, 0x9e37_79b9);
         let expected: [u8; 32] = Sha256::digest(&data).into();
         let (mut r, mut w) = stream.into_split();
         w.write_all(&data).await.ok()?;

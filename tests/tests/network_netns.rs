@@ -141,18 +141,6 @@ async fn connect_in(ns: &Netns, from: Ipv4Addr, to: SocketAddr) -> std::io::Resu
         .map_err(|_| std::io::Error::other("connect timed out"))?
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x2545_f491;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Sends `data`, half-closes and reads the echo until EOF within `limit`:
 /// the SHA-256 of what came back and its length, or None on any failure.
 async fn echo_digest(stream: TcpStream, data: &[u8], limit: Duration) -> Option<([u8; 32], usize)> {
@@ -190,19 +178,6 @@ async fn ping(stream: &mut TcpStream, msg: &[u8]) {
         .expect("echo within the deadline")
         .unwrap();
     assert_eq!(back, msg);
-}
-
-/// Reads until EOF or error; how long that took (panics after `limit`).
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
-    let start = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        match tokio::time::timeout_at(start + limit, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
-            Ok(Ok(_)) => continue,
-            Err(_) => panic!("the connection stayed open for {limit:?}"),
-        }
-    }
 }
 
 /// Loss of the lossy transfer, per mille (`GSTACKS_NETNS_LOSS_PER_MILLE`,
@@ -323,7 +298,7 @@ async fn wait_for_path(a: &Netns, dns: &TokioResolver, alias: &str, port: u16) {
         let stream = connect_in(a, WEB_IP, SocketAddr::new(addr.into(), port))
             .await
             .ok()?;
-        let data = pattern(64 << 10);
+        let data = tests::pattern(64 << 10, 0x2545_f491);
         let expected: [u8; 32] = Sha256::digest(&data).into();
         let (digest, _) = echo_digest(stream, &data, Duration::from_secs(3)).await?;
         (digest == expected).then_some(())
@@ -546,7 +521,7 @@ async fn three_agents_in_namespaces_resolve_connect_under_loss_and_survive_resta
     let db_listener = SocketAddr::new(db_ip[0].into(), DB_PORT);
 
     // --- 16 MiB each way, echoed, SHA-256 kept.
-    let data = pattern(BIG);
+    let data = tests::pattern(BIG, 0x2545_f491);
     let expected: [u8; 32] = Sha256::digest(&data).into();
     let t = Instant::now();
     let stream = connect_in(ns_a, WEB_IP, api_listener).await.unwrap();
@@ -613,7 +588,7 @@ async fn three_agents_in_namespaces_resolve_connect_under_loss_and_survive_resta
     let denied_before = denied_count(&cluster).await;
     for from in [INTRUDER_IP, STRANGER_IP] {
         let mut denied = connect_in(ns_a, from, api_listener).await.unwrap();
-        closed_within(&mut denied, WAIT).await;
+        tests::closed_within(&mut denied, WAIT).await;
     }
     tests_wait(|| async { (denied_count(&cluster).await >= denied_before + 2).then_some(()) })
         .await;
@@ -627,11 +602,11 @@ async fn three_agents_in_namespaces_resolve_connect_under_loss_and_survive_resta
     cluster
         .json(&["network", "policy", "remove", "dev", &api_rule])
         .await;
-    let took = closed_within(&mut to_api, Duration::from_secs(1)).await;
+    let took = tests::closed_within(&mut to_api, Duration::from_secs(1)).await;
     println!("connection closed {took:?} after the rule removal returned");
     ping(&mut to_db, b"still db").await;
     let mut refused = connect_in(ns_a, WEB_IP, api_listener).await.unwrap();
-    closed_within(&mut refused, WAIT).await;
+    tests::closed_within(&mut refused, WAIT).await;
     let out = cluster
         .cli(&["network", "test", "dev", "sandbox:sbx_web", &api_target])
         .await;
@@ -703,7 +678,7 @@ async fn three_agents_in_namespaces_resolve_connect_under_loss_and_survive_resta
     cluster.stop().await;
     ping(&mut to_db, b"db while the control plane is down").await;
     let stream = connect_in(ns_a, WEB_IP, api_listener).await.unwrap();
-    let small = pattern(256 << 10);
+    let small = tests::pattern(256 << 10, 0x2545_f491);
     let (digest, _) = echo_digest(stream, &small, WAIT)
         .await
         .expect("a new connection while the control plane is down");
@@ -731,7 +706,7 @@ async fn three_agents_in_namespaces_resolve_connect_under_loss_and_survive_resta
     cluster
         .json(&["network", "policy", "remove", "dev", &db_rule])
         .await;
-    closed_within(&mut to_db, Duration::from_secs(1)).await;
+    tests::closed_within(&mut to_db, Duration::from_secs(1)).await;
 
     let exited: Vec<String> = world
         .agents
