@@ -38,7 +38,7 @@ use crate::sandbox::runtime::{
     Exec, ExecSpec, InputSink, LogsRequest, OutputChunk, OutputSource, OutputStream, Runtime,
     RuntimeError,
 };
-use crate::terminal::{pty_size, HostTerminal, SessionEnds, DEFAULT_MAX_DURATION};
+use crate::terminal::{pty_size, HostTerminal, SessionEnds, DEFAULT_MAX_DURATION, EXPIRY_BACKSTOP};
 
 /// Largest chunk of a stream (logs, downloads, and what uploads should send).
 pub const CHUNK: usize = 64 * 1024;
@@ -242,13 +242,6 @@ fn engine_error(what: &str, err: RuntimeError) -> CommandError {
     };
     CommandError::new(code, format!("{what}: {err}"))
 }
-
-/// The control plane ends a sandbox terminal at its time limit (and tells
-/// the operator so); the agent's own timer is a backstop for a close that
-/// never arrives, so it fires this much later instead of racing the control
-/// plane's (which made the operator see a bare exit 137 instead of the
-/// time-limit message).
-const EXPIRY_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// How long [`SandboxIoState::exit_code`] waits for an exec to be reaped.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);

@@ -6,7 +6,8 @@
 //! Output travels as `Event`s with a `TerminalOutput` payload and the open
 //! command's request id; `TerminalInput`, `TerminalResize` and
 //! `TerminalClose` address the session by id. When the process ends (or the
-//! session is closed, or it outlives `max_duration_secs`, default 15 min)
+//! session is closed, or it outlives `max_duration_secs` (default 15 min)
+//! by [`EXPIRY_BACKSTOP`] without the control plane closing it)
 //! a `TerminalExit` event carries the exit code (128 + signal when killed)
 //! and the reason. The reason and requester of every session, and every
 //! refusal, are recorded as events. With
@@ -17,6 +18,13 @@ use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// The control plane ends a terminal (host or sandbox) at its time limit
+/// and tells the operator so; the agent's own timer is a backstop for a
+/// close that never arrives, so it fires this much later instead of racing
+/// the control plane's (which made the operator see a bare exit 137 instead
+/// of the time-limit message).
+pub(crate) const EXPIRY_BACKSTOP: Duration = Duration::from_secs(5);
 
 use proto::{
     command, command_result, event, Command, ErrorCode, EventLevel, HostTerminalOpen, TerminalExit,
@@ -332,7 +340,7 @@ impl Session {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .map(nix::unistd::Pid::from_raw);
-        let expire = tokio::time::sleep(self.max_duration);
+        let expire = tokio::time::sleep(self.max_duration + EXPIRY_BACKSTOP);
         tokio::pin!(expire);
         let drain = tokio::time::sleep(Duration::MAX / 4);
         tokio::pin!(drain);
