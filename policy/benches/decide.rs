@@ -1,7 +1,9 @@
 //! `cargo bench -p policy`: policy decisions against the sample network of
 //! 50 rules (`policy::sample`), one connection of each kind of the mix, the
-//! fast verdict and the explained decision. `gstacks-bench proxy` reports the
-//! same mix as one decisions-per-second figure.
+//! fast verdict and the explained decision, each through the agent's
+//! [`policy::RuleSet`] index and, as the baseline, by the linear scan over
+//! the rule list. `gstacks-bench proxy` reports the indexed mix as one
+//! decisions-per-second figure.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
@@ -10,6 +12,7 @@ const RULES: usize = 50;
 
 fn decide(c: &mut Criterion) {
     let rules = policy::sample::rules(RULES);
+    let set = policy::RuleSet::new(rules.clone());
     let queries = policy::sample::queries(RULES);
     let names = ["allow_early", "allow_late", "deny_no_rule", "deny_port"];
     let mut group = c.benchmark_group("decide_50_rules");
@@ -23,6 +26,9 @@ fn decide(c: &mut Criterion) {
                     black_box(query.destination()),
                 )
             })
+        });
+        group.bench_function(format!("indexed_verdict/{name}"), |b| {
+            b.iter(|| set.verdict(black_box(&query.source), black_box(query.destination())))
         });
         group.bench_function(format!("decide/{name}"), |b| {
             b.iter(|| {
@@ -43,6 +49,13 @@ fn decide(c: &mut Criterion) {
                     &query.source,
                     query.destination(),
                 ));
+            }
+        })
+    });
+    group.bench_function("indexed_decide/mix", |b| {
+        b.iter(|| {
+            for query in &queries {
+                black_box(black_box(&set).decide(&query.source, query.destination()));
             }
         })
     });

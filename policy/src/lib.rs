@@ -292,6 +292,99 @@ pub fn verdict(rules: &[Rule], source: &Source, dest: Destination<'_>) -> Verdic
         .map_or(Verdict::NoMatchingRule, Verdict::Allow)
 }
 
+/// A network's rules in order, indexed by target alias: a decision looks only
+/// at the rules for its alias and the rules for `*`, merged in rule order, so
+/// it gives the same answer as [`verdict`] over the whole list (the first
+/// matching rule wins) while checking a few rules instead of all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    /// Sorted by alias; each list holds indexes into `rules`, ascending.
+    by_alias: Vec<(String, Vec<usize>)>,
+    /// Indexes of the rules whose target is `*`, ascending.
+    any_alias: Vec<usize>,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Rule>) -> Self {
+        rules.into_iter().collect()
+    }
+
+    /// Appends a rule: it matches after every rule already in the set.
+    pub fn push(&mut self, rule: Rule) {
+        let index = self.rules.len();
+        match &rule.to {
+            Target::Any => self.any_alias.push(index),
+            Target::Alias(alias) => {
+                match self
+                    .by_alias
+                    .binary_search_by(|(a, _)| a.as_str().cmp(alias))
+                {
+                    Ok(at) => self.by_alias[at].1.push(index),
+                    Err(at) => self.by_alias.insert(at, (alias.clone(), vec![index])),
+                }
+            }
+        }
+        self.rules.push(rule);
+    }
+
+    /// The rules, in order; a [`Verdict::Allow`] indexes into them.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// [`verdict`] over [`RuleSet::rules`], through the index.
+    pub fn verdict(&self, source: &Source, dest: Destination<'_>) -> Verdict {
+        let Some(exposed) = dest.exposed_ports else {
+            return Verdict::UnknownAlias;
+        };
+        if !exposed.contains(&dest.port) {
+            return Verdict::PortNotExposed;
+        }
+        let specific: &[usize] = self
+            .by_alias
+            .binary_search_by(|(a, _)| a.as_str().cmp(dest.alias))
+            .map_or(&[], |at| &self.by_alias[at].1);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            let index = match (specific.get(i), self.any_alias.get(j)) {
+                (Some(&x), Some(&y)) if x < y => {
+                    i += 1;
+                    x
+                }
+                (_, Some(&y)) => {
+                    j += 1;
+                    y
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (None, None) => return Verdict::NoMatchingRule,
+            };
+            let rule = &self.rules[index];
+            if rule.port.is_none_or(|p| p == dest.port) && rule.from.matches(source) {
+                return Verdict::Allow(index);
+            }
+        }
+    }
+
+    /// [`decide`] over [`RuleSet::rules`], through the index.
+    pub fn decide(&self, source: &Source, dest: Destination<'_>) -> Decision {
+        self.verdict(source, dest).explain(&self.rules, dest)
+    }
+}
+
+impl FromIterator<Rule> for RuleSet {
+    fn from_iter<I: IntoIterator<Item = Rule>>(iter: I) -> Self {
+        let mut set = RuleSet::default();
+        for rule in iter {
+            set.push(rule);
+        }
+        set
+    }
+}
+
 /// Decides whether `source` may connect to `dest`, given the network's rules.
 /// The first matching rule in order wins; without one the answer is deny.
 pub fn decide(rules: &[Rule], source: &Source, dest: Destination<'_>) -> Decision {
@@ -374,6 +467,65 @@ mod tests {
         assert_eq!(
             d.to_string(),
             "denied: the alias does not expose that port (exposed: 8080, 9090)"
+        );
+    }
+
+    /// The index gives the linear scan's verdict for every source, alias
+    /// and port of a mixed rule set, including `*` rules interleaved with
+    /// per-alias ones (the first match in rule order must win).
+    #[test]
+    fn the_index_agrees_with_the_linear_scan() {
+        let mut rules = sample::rules(50);
+        rules.insert(3, rule("any_9", "tag:team-1", "*", Some(8009)));
+        rules.insert(20, rule("any_all", "sandbox:sbx_042", "*", None));
+        rules.push(rule("last", "*", "*", Some(8019)));
+        let set = RuleSet::new(rules.clone());
+        assert_eq!(set.rules(), rules.as_slice());
+        let sources = [
+            Source::local(),
+            Source::sandbox("sbx_042"),
+            Source::sandbox("sbx_002"),
+            Source {
+                sandbox_id: Some("sbx_t".into()),
+                aliases: vec!["svc-7".into(), "svc-14".into()],
+                tags: vec!["team-1".into(), "team-3".into()],
+                local: false,
+            },
+            Source::default(),
+        ];
+        let mut checked = 0;
+        for source in &sources {
+            for alias in (0..22).map(|i| format!("svc-{i}")) {
+                for port in [8000, 8003, 8009, 8019, 9000, 1] {
+                    let exposed = [8000, 8003, 8009, 8019, 9000, 1];
+                    let dest = Destination {
+                        alias: &alias,
+                        port,
+                        exposed_ports: Some(&exposed),
+                    };
+                    assert_eq!(
+                        set.verdict(source, dest),
+                        verdict(&rules, source, dest),
+                        "{source} -> {alias}:{port}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 22 * 6);
+        let allowed = set.decide(
+            &Source::sandbox("sbx_042"),
+            Destination {
+                alias: "nowhere",
+                port: 5,
+                exposed_ports: Some(&[5]),
+            },
+        );
+        assert_eq!(
+            allowed,
+            Decision::Allow {
+                rule_id: "any_all".into()
+            }
         );
     }
 

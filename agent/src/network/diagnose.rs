@@ -369,13 +369,16 @@ fn policy_check(
         Err(why) => return check("policy", false, why),
     };
     let decision = topology.decide(network, &source, alias, port);
-    let rules = topology.networks.get(network).map_or(0, |n| n.rules.len());
+    let rules = topology
+        .networks
+        .get(network)
+        .map_or(0, |n| n.rules.rules().len());
     let detail = match &decision {
         policy::Decision::Allow { rule_id } => {
             let rule = topology
                 .networks
                 .get(network)
-                .and_then(|n| n.rules.iter().find(|r| &r.id == rule_id))
+                .and_then(|n| n.rules.rules().iter().find(|r| &r.id == rule_id))
                 .map_or_else(|| rule_id.clone(), ToString::to_string);
             format!("rule {rule} allows {selector} -> {alias}:{port}")
         }

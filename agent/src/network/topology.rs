@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 use netstack::{PeerConfig, PublicKey};
-use policy::{Decision, DenyReason, Destination, Rule, Selector, Source, Target};
+use policy::{Decision, DenyReason, Destination, Rule, RuleSet, Selector, Source, Target};
 
 /// Who is on the other end of a connection, as this agent knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -44,7 +44,7 @@ pub struct AliasEntry {
 pub struct NetworkEntry {
     pub aliases: BTreeMap<String, AliasEntry>,
     /// In the order the control plane sent them: the first match wins.
-    pub rules: Vec<Rule>,
+    pub rules: RuleSet,
     pub topology_version: u64,
 }
 
@@ -268,8 +268,7 @@ impl Topology {
             return Decision::Deny(DenyReason::UnknownAlias);
         };
         let exposed = net.aliases.get(alias).map(|a| a.ports.as_slice());
-        policy::decide(
-            &net.rules,
+        net.rules.decide(
             source,
             Destination {
                 alias,
@@ -659,7 +658,7 @@ pub(crate) mod tests {
         });
         let topo = Topology::from_netmap(&map, "h1");
         assert_eq!(topo.peers.len(), 1);
-        assert_eq!(topo.networks["dev"].rules.len(), 1);
+        assert_eq!(topo.networks["dev"].rules.rules().len(), 1);
         assert_eq!(topo.skipped.len(), 2, "{:?}", topo.skipped);
         assert!(topo.skipped[0].contains("node_h2"));
         assert!(topo.skipped[1].contains("pol_bad"));
