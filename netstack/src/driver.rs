@@ -327,10 +327,12 @@ impl AsyncRead for TcpStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.shared.check_open()?;
-        let result =
-            this.shared
-                .node()
-                .tcp_recv(this.id, buf.initialize_unfilled(), Some(cx.waker()));
+        let mut node = this.shared.node();
+        // Initialize (zero) only as much of `buf` as there is to read: a
+        // reader may hand in a large uninitialized buffer for each read.
+        let len = buf.remaining().min(node.tcp_recv_available(this.id).max(1));
+        let result = node.tcp_recv(this.id, buf.initialize_unfilled_to(len), Some(cx.waker()));
+        drop(node);
         match result {
             Ok(n) => {
                 buf.advance(n);

@@ -1023,6 +1023,16 @@ impl Node {
         }
     }
 
+    /// Bytes a [`Node::tcp_recv`] would return now (0 when none, at EOF, or
+    /// for an unknown socket), so that a reader only prepares that much
+    /// buffer.
+    pub fn tcp_recv_available(&self, id: SocketId) -> usize {
+        match self.meta.get(&id) {
+            Some(meta) if !meta.salvaged.is_empty() => meta.salvaged.len(),
+            _ => self.tcp(id).map_or(0, |s| s.recv_queue()),
+        }
+    }
+
     /// Read received bytes. `Ok(0)` is the end of the stream; `WouldBlock`
     /// means nothing yet (the waker, if given, is woken when there is).
     pub fn tcp_recv(
