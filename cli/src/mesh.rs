@@ -853,16 +853,17 @@ async fn serve_forward(
             };
             let mut socket = socket;
             let _ = socket.set_nodelay(true);
-            match proxy::dial_over_mesh(&node, target, &header).await {
-                Ok(mut mesh) => {
-                    let _ = proxy::splice(&mut socket, &mut mesh).await;
-                }
-                Err(proxy::ProxyError::Denied { reason }) => {
+            let spliced = match proxy::dial_over_mesh(&node, target, &header).await {
+                Ok(mut mesh) => proxy::splice(&mut socket, &mut mesh).await,
+                Err(err) => return eprintln!("failed {what}: {err}"),
+            };
+            // The agent's refusal comes as the first bytes from the mesh.
+            match spliced.as_ref().map_err(proxy::refusal) {
+                Err(Some(proxy::ProxyError::Denied { reason })) => {
                     eprintln!("denied {what}: {reason}");
                 }
-                Err(err) => {
-                    eprintln!("failed {what}: {err}");
-                }
+                Err(Some(refused)) => eprintln!("failed {what}: {refused}"),
+                _ => {}
             }
         });
     }

@@ -14,6 +14,14 @@
 //! The whole header is at most [`MAX_HEADER`] bytes. The answer is one status
 //! byte (0 accepted, 1 denied, 2 target unreachable), followed for the last two
 //! by `len:u16 reason` (at most [`MAX_REASON`] bytes of UTF-8).
+//!
+//! Version 2: the target sends a refusal at once, but "accepted" only just
+//! before the sandbox's first byte (or its EOF). An idle connection then
+//! carries nothing after the header, so neither agent's mesh socket touches
+//! a page of its receive or send buffer for an answer: with 10,000 idle
+//! connections that is 80 MiB less resident memory over the two agents. The
+//! source reads the answer as the first bytes of the stream
+//! ([`crate::MeshStream`]).
 
 use policy::Source;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::ProxyError;
 
 pub const MAGIC: [u8; 4] = *b"GSMH";
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Upper bound of an encoded header, prefix included.
 pub const MAX_HEADER: usize = 4096;
 /// Upper bound of the reason text in an answer.
@@ -253,38 +261,75 @@ impl Response {
         Ok(())
     }
 
-    /// Reads exactly one answer from `reader`. Applies no deadline.
-    pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, ProxyError> {
-        let mut status = [0u8; 1];
-        read_exact(reader, &mut status, "answer status").await?;
-        if status[0] == 0 {
+    /// How many bytes the answer that starts with `prefix` has in all: 1
+    /// until the status byte is known, then 1 (accepted) or 3 + the reason's
+    /// length. A reader that reads only up to this never takes the bytes
+    /// that follow the answer.
+    pub fn needed(prefix: &[u8]) -> Result<usize, ProxyError> {
+        match prefix {
+            [] | [0, ..] => Ok(1),
+            [1 | 2] | [1 | 2, _] => Ok(3),
+            [1 | 2, hi, lo, ..] => {
+                let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+                if len > MAX_REASON {
+                    return Err(ProxyError::BadField {
+                        field: "answer reason",
+                        value: format!("{len} bytes"),
+                        why: "longer than 1024 bytes",
+                    });
+                }
+                Ok(3 + len)
+            }
+            [status, ..] => Err(ProxyError::BadAnswer(*status)),
+        }
+    }
+
+    /// Decodes a whole answer: exactly [`Response::needed`] bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProxyError> {
+        let needed = Self::needed(bytes)?;
+        if bytes.len() < needed {
+            return Err(ProxyError::Truncated(answer_part(bytes.len())));
+        }
+        if bytes.len() > needed {
+            return Err(ProxyError::TrailingBytes(bytes.len() - needed));
+        }
+        if bytes[0] == 0 {
             return Ok(Response::Accepted);
         }
-        if status[0] > 2 {
-            return Err(ProxyError::BadAnswer(status[0]));
-        }
-        let mut len = [0u8; 2];
-        read_exact(reader, &mut len, "answer reason length").await?;
-        let len = usize::from(u16::from_be_bytes(len));
-        if len > MAX_REASON {
-            return Err(ProxyError::BadField {
-                field: "answer reason",
-                value: format!("{len} bytes"),
-                why: "longer than 1024 bytes",
-            });
-        }
-        let mut text = vec![0u8; len];
-        read_exact(reader, &mut text, "answer reason").await?;
-        let reason = String::from_utf8(text).map_err(|_| ProxyError::BadField {
+        let reason = String::from_utf8(bytes[3..].to_vec()).map_err(|_| ProxyError::BadField {
             field: "answer reason",
-            value: format!("{len} bytes"),
+            value: format!("{} bytes", bytes.len() - 3),
             why: "not UTF-8",
         })?;
-        Ok(if status[0] == 1 {
+        Ok(if bytes[0] == 1 {
             Response::Denied { reason }
         } else {
             Response::Unreachable { reason }
         })
+    }
+
+    /// Reads exactly one answer from `reader`. Applies no deadline.
+    pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, ProxyError> {
+        let mut bytes = Vec::new();
+        loop {
+            let needed = Self::needed(&bytes)?;
+            if bytes.len() == needed {
+                return Self::decode(&bytes);
+            }
+            let what = answer_part(bytes.len());
+            let have = bytes.len();
+            bytes.resize(needed, 0);
+            read_exact(reader, &mut bytes[have..], what).await?;
+        }
+    }
+}
+
+/// The part of an answer that starts at byte `at`.
+fn answer_part(at: usize) -> &'static str {
+    match at {
+        0 => "answer status",
+        1 | 2 => "answer reason length",
+        _ => "answer reason",
     }
 }
 
@@ -406,6 +451,33 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn an_answer_is_read_to_its_exact_length() {
+        assert_eq!(Response::needed(&[]).unwrap(), 1);
+        assert_eq!(Response::needed(&[0]).unwrap(), 1);
+        assert_eq!(Response::needed(&[1]).unwrap(), 3);
+        assert_eq!(Response::needed(&[2, 0, 4]).unwrap(), 7);
+        assert!(matches!(
+            Response::needed(&[3]),
+            Err(ProxyError::BadAnswer(3))
+        ));
+        let too_long = Response::needed(&[1, 0x04, 0x01]).unwrap_err().to_string();
+        assert!(too_long.contains("1025 bytes"), "{too_long}");
+        assert_eq!(Response::decode(&[0]).unwrap(), Response::Accepted);
+        assert!(matches!(
+            Response::decode(&[0, 0]),
+            Err(ProxyError::TrailingBytes(1))
+        ));
+        assert!(matches!(
+            Response::decode(&[1, 0]),
+            Err(ProxyError::Truncated("answer reason length"))
+        ));
+        assert!(matches!(
+            Response::decode(&[1, 0, 1, 0xff]),
+            Err(ProxyError::BadField { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn malformed_headers_name_what_is_wrong() {
         let good = sample().encode().unwrap();
@@ -420,7 +492,7 @@ mod tests {
         let err = decode(&bad).await.unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported mesh header version 9 (this agent speaks 1)"
+            "unsupported mesh header version 9 (this agent speaks 2)"
         );
 
         let err = decode(&good[..good.len() - 1]).await.unwrap_err();

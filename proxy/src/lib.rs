@@ -10,15 +10,13 @@
 //! - [`splice`]: copy both ways with half-close.
 //! - [`dial_over_mesh`] (source side) and [`accept_from_mesh`] (target side).
 
-use std::net::SocketAddr;
-
 mod header;
 mod mesh;
 mod splice;
 
 pub use header::{MeshHeader, Response, MAGIC, MAX_HEADER, MAX_NAME, MAX_REASON, VERSION};
 pub use mesh::{
-    accept_from_mesh, dial_over_mesh, Admission, ANSWER_TIMEOUT, HEADER_TIMEOUT,
+    accept_from_mesh, dial_over_mesh, refusal, Admission, MeshStream, HEADER_TIMEOUT,
     MAX_MESH_CONNECTIONS, MESH_PROXY_PORT,
 };
 pub use splice::{splice, splice_until, Spliced, SPLICE_BUFFER};
@@ -28,7 +26,7 @@ pub use splice::{splice, splice_until, Spliced, SPLICE_BUFFER};
 pub enum ProxyError {
     #[error("bad mesh header magic {0:02x?} (expected \"GSMH\")")]
     BadMagic([u8; 4]),
-    #[error("unsupported mesh header version {0} (this agent speaks 1)")]
+    #[error("unsupported mesh header version {0} (this agent speaks 2)")]
     UnsupportedVersion(u8),
     #[error("mesh header of {len} bytes is longer than the limit of 4096")]
     HeaderTooLong { len: usize },
@@ -50,11 +48,6 @@ pub enum ProxyError {
     BadAnswer(u8),
     #[error("no mesh header within {0:?}")]
     HeaderTimeout(std::time::Duration),
-    #[error("no answer from the target agent {target} within {after:?}")]
-    AnswerTimeout {
-        target: SocketAddr,
-        after: std::time::Duration,
-    },
     #[error("the target agent denied the connection: {reason}")]
     Denied { reason: String },
     #[error("the target agent could not reach the sandbox: {reason}")]

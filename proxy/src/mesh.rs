@@ -1,13 +1,15 @@
 //! The two ends of a proxied connection over the mesh.
 
+use std::fmt::Display;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use std::fmt::Display;
-
 use netstack::{MeshNode, TcpListener, TcpStream};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -38,36 +40,234 @@ impl From<SocketAddr> for Admission {
 
 /// How long the target agent waits for the header of a new mesh connection.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the source agent waits for the target's answer (which comes
-/// after the target has connected to the sandbox).
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The default of the mesh connections one acceptor serves at once
 /// (the agent's `GLOBALSTACKS_AGENT_MESH_MAX_MESH_CONNECTIONS`); further
 /// ones wait in the listener's backlog.
 pub const MAX_MESH_CONNECTIONS: usize = 4096;
 
-/// Source side: connects to the target agent at `target` over the mesh,
-/// sends `header` and waits for the answer. On success the stream carries
-/// the sandbox's bytes; a refusal is [`ProxyError::Denied`] with the target's
-/// reason.
+/// Source side: connects to the target agent at `target` over the mesh and
+/// sends `header`. It does not wait for the answer: the target sends a
+/// refusal at once and its acceptance just before the sandbox's first byte
+/// (a version 2 [`MeshHeader`]), and the returned [`MeshStream`] reads it
+/// first.
 pub async fn dial_over_mesh(
     node: &MeshNode,
     target: SocketAddr,
     header: &MeshHeader,
-) -> Result<TcpStream, ProxyError> {
+) -> Result<MeshStream, ProxyError> {
     let bytes = header.encode()?;
     let mut stream = node.dial_tcp(target).await?;
     stream.write_all(&bytes).await?;
-    let answer = tokio::time::timeout(ANSWER_TIMEOUT, Response::read_from(&mut stream))
-        .await
-        .map_err(|_| ProxyError::AnswerTimeout {
-            target,
-            after: ANSWER_TIMEOUT,
-        })??;
-    match answer {
-        Response::Accepted => Ok(stream),
-        Response::Denied { reason } => Err(ProxyError::Denied { reason }),
-        Response::Unreachable { reason } => Err(ProxyError::Unreachable { reason }),
+    Ok(MeshStream {
+        inner: stream,
+        answer: Answer::Reading(Vec::new()),
+    })
+}
+
+/// The source's end of a mesh connection. Its first read takes the target's
+/// answer: after "accepted" it reads the sandbox's bytes; a refusal is an
+/// error whose inner error is the [`ProxyError::Denied`] or
+/// [`ProxyError::Unreachable`] with the target's reason (see [`refusal`]).
+#[derive(Debug)]
+pub struct MeshStream {
+    inner: TcpStream,
+    answer: Answer,
+}
+
+#[derive(Debug)]
+enum Answer {
+    /// The bytes of the answer so far.
+    Reading(Vec<u8>),
+    Accepted,
+    /// Denied or unreachable (1 or 2) with the reason.
+    Refused(u8, String),
+}
+
+impl MeshStream {
+    /// Waits for the target's answer. Acceptance comes with the sandbox's
+    /// first byte, so on a connection where the sandbox waits for the client
+    /// to speak first, this returns only after the client has.
+    pub async fn answer(&mut self) -> Result<(), ProxyError> {
+        std::future::poll_fn(|cx| self.poll_answer(cx)).await
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer_addr()
+    }
+
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        loop {
+            let bytes = match &mut self.answer {
+                Answer::Accepted => return Poll::Ready(Ok(())),
+                Answer::Refused(status, reason) => {
+                    let reason = reason.clone();
+                    return Poll::Ready(Err(if *status == 1 {
+                        ProxyError::Denied { reason }
+                    } else {
+                        ProxyError::Unreachable { reason }
+                    }));
+                }
+                Answer::Reading(bytes) => bytes,
+            };
+            let needed = Response::needed(bytes)?;
+            if bytes.len() == needed {
+                self.answer = match Response::decode(bytes)? {
+                    Response::Accepted => Answer::Accepted,
+                    Response::Denied { reason } => Answer::Refused(1, reason),
+                    Response::Unreachable { reason } => Answer::Refused(2, reason),
+                };
+                continue;
+            }
+            // Exactly the rest of the answer, never a byte of the data.
+            let mut part = [0u8; 64];
+            let want = (needed - bytes.len()).min(part.len());
+            let mut buf = ReadBuf::new(&mut part[..want]);
+            ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() {
+                return Poll::Ready(Err(ProxyError::Truncated(if bytes.is_empty() {
+                    "answer status (the target agent closed the connection)"
+                } else {
+                    "answer reason"
+                })));
+            }
+            bytes.extend_from_slice(buf.filled());
+        }
+    }
+}
+
+/// The target's refusal inside an error of a [`MeshStream`] read (or of a
+/// splice over one).
+pub fn refusal(error: &io::Error) -> Option<&ProxyError> {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ProxyError>())
+        .filter(|e| {
+            matches!(
+                e,
+                ProxyError::Denied { .. } | ProxyError::Unreachable { .. }
+            )
+        })
+}
+
+impl MeshStream {
+    /// The answer as an I/O error when it is a refusal (or malformed).
+    fn poll_answer_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if matches!(self.answer, Answer::Accepted) {
+            return Poll::Ready(Ok(()));
+        }
+        let Err(e) = ready!(self.poll_answer(cx)) else {
+            return Poll::Ready(Ok(()));
+        };
+        let kind = match e {
+            ProxyError::Denied { .. } => io::ErrorKind::PermissionDenied,
+            ProxyError::Unreachable { .. } => io::ErrorKind::ConnectionRefused,
+            ProxyError::Io(e) => return Poll::Ready(Err(e)),
+            _ => io::ErrorKind::InvalidData,
+        };
+        Poll::Ready(Err(io::Error::new(kind, e)))
+    }
+
+    /// A write failed: when the target refused the connection (and then
+    /// closed it, which is why the write failed), the refusal is the error
+    /// to report, not the write's.
+    fn refusal_instead(&mut self, cx: &mut Context<'_>, error: io::Error) -> io::Error {
+        match self.poll_answer_io(cx) {
+            Poll::Ready(Err(refused)) if refusal(&refused).is_some() => refused,
+            _ => error,
+        }
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_answer_io(cx))?;
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match ready!(Pin::new(&mut this.inner).poll_write(cx, data)) {
+            Err(e) => Poll::Ready(Err(this.refusal_instead(cx, e))),
+            written => Poll::Ready(written),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match ready!(Pin::new(&mut this.inner).poll_shutdown(cx)) {
+            Err(e) => Poll::Ready(Err(this.refusal_instead(cx, e))),
+            done => Poll::Ready(done),
+        }
+    }
+}
+
+/// The target's end of an accepted connection: the "accepted" byte goes out
+/// just before the sandbox's first byte, or before the FIN when the sandbox
+/// closes without sending any.
+struct AcceptedFirst {
+    inner: TcpStream,
+    owed: bool,
+}
+
+impl AcceptedFirst {
+    fn poll_pay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.owed {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &ACCEPTED))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.owed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+const ACCEPTED: [u8; 1] = [0];
+
+impl AsyncRead for AcceptedFirst {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AcceptedFirst {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.poll_pay(cx))?;
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_pay(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -76,7 +276,8 @@ pub async fn dial_over_mesh(
 /// (further ones wait in the listener's backlog). For each one: read the header (within
 /// [`HEADER_TIMEOUT`]), ask `resolve` with the header and the source's
 /// overlay address, then either answer the denial (the error's text) and
-/// close, or connect to the admitted address, answer, and splice until
+/// close, or connect to the admitted address and splice (the acceptance
+/// going out before the sandbox's first byte) until
 /// either side is done or the admission is revoked.
 ///
 /// `resolve` is where the agent applies `policy::decide` against its netmap
@@ -159,7 +360,10 @@ where
         }
     };
     let _ = upstream.set_nodelay(true);
-    Response::Accepted.write_to(&mut stream).await?;
+    let mut stream = AcceptedFirst {
+        inner: stream,
+        owed: true,
+    };
     let Some(spliced) = splice_until(&mut stream, &mut upstream, &admission.revoked).await? else {
         tracing::debug!(%from, %to, network = %header.network, alias = %header.alias, "mesh connection closed: revoked");
         return Ok(());

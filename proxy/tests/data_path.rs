@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use netstack::{MeshNode, NodeConfig, PeerConfig, PrivateKey};
 use policy::{Decision, DenyReason, Source};
-use proxy::{accept_from_mesh, dial_over_mesh, splice, MeshHeader, ProxyError, Spliced};
+use proxy::{
+    accept_from_mesh, dial_over_mesh, splice, MeshHeader, MeshStream, ProxyError, Spliced,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -241,6 +243,17 @@ fn header(alias: &str) -> MeshHeader {
     }
 }
 
+/// Dials and waits for the target's answer (a refusal comes at once).
+async fn answered(
+    node: &MeshNode,
+    target: SocketAddr,
+    header: &MeshHeader,
+) -> std::result::Result<MeshStream, ProxyError> {
+    let mut stream = dial_over_mesh(node, target, header).await?;
+    stream.answer().await?;
+    Ok(stream)
+}
+
 #[tokio::test]
 async fn mesh_dial_reaches_the_sandbox_or_is_denied_with_the_reason() -> Result<()> {
     let (source, target) = mesh_pair().await?;
@@ -286,7 +299,7 @@ async fn mesh_dial_reaches_the_sandbox_or_is_denied_with_the_reason() -> Result<
     // Denied by policy: the reason comes back, nothing is connected.
     let mut other = header("api");
     other.source = Source::local();
-    let err = tokio::time::timeout(DEADLINE, dial_over_mesh(&source, target_addr, &other))
+    let err = tokio::time::timeout(DEADLINE, answered(&source, target_addr, &other))
         .await?
         .unwrap_err();
     match &err {
@@ -295,24 +308,18 @@ async fn mesh_dial_reaches_the_sandbox_or_is_denied_with_the_reason() -> Result<
         }
         other => panic!("expected a denial, got {other}"),
     }
-    let err = tokio::time::timeout(
-        DEADLINE,
-        dial_over_mesh(&source, target_addr, &header("db")),
-    )
-    .await?
-    .unwrap_err();
+    let err = tokio::time::timeout(DEADLINE, answered(&source, target_addr, &header("db")))
+        .await?
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "the target agent denied the connection: denied: no such alias in the network"
     );
 
     // Allowed but the sandbox is not listening.
-    let err = tokio::time::timeout(
-        DEADLINE,
-        dial_over_mesh(&source, target_addr, &header("gone")),
-    )
-    .await?
-    .unwrap_err();
+    let err = tokio::time::timeout(DEADLINE, answered(&source, target_addr, &header("gone")))
+        .await?
+        .unwrap_err();
     assert!(
         matches!(&err, ProxyError::Unreachable { reason } if reason.contains("127.0.0.1:1")),
         "{err}"
@@ -335,6 +342,60 @@ async fn mesh_dial_reaches_the_sandbox_or_is_denied_with_the_reason() -> Result<
     tokio::time::timeout(DEADLINE, again.read_exact(&mut buf)).await??;
     assert_eq!(&buf, b"ping");
 
+    acceptor.abort();
+    source.shutdown().await;
+    target.shutdown().await;
+    Ok(())
+}
+
+/// Version 2 of the answer: "accepted" (status 0) goes out just before the
+/// sandbox's first byte, or before its FIN when it sends none; a source
+/// that reads the raw stream sees exactly that order.
+#[tokio::test]
+async fn acceptance_comes_just_before_the_sandbox_bytes_or_its_close() -> Result<()> {
+    let (source, target) = mesh_pair().await?;
+    // "greet" writes hello and closes; "mute" closes at once.
+    let greet = TcpListener::bind("127.0.0.1:0").await?;
+    let greet_addr = greet.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = greet.accept().await {
+            let _ = s.write_all(b"hello").await;
+        }
+    });
+    let mute = TcpListener::bind("127.0.0.1:0").await?;
+    let mute_addr = mute.local_addr()?;
+    tokio::spawn(async move { while mute.accept().await.is_ok() {} });
+    let listener = target.listen_tcp(4790)?;
+    let acceptor = tokio::spawn(accept_from_mesh(
+        listener,
+        proxy::MAX_MESH_CONNECTIONS,
+        move |h: &MeshHeader, _from| match h.alias.as_str() {
+            "greet" => Ok(greet_addr),
+            "mute" => Ok(mute_addr),
+            _ => Err("denied: no such alias in the network"),
+        },
+    ));
+    let target_addr = SocketAddr::new(overlay(2), 4790);
+    for (alias, expect) in [("greet", &b"\0hello"[..]), ("mute", &b"\0"[..])] {
+        let mut raw = source.dial_tcp(target_addr).await?;
+        raw.write_all(&header(alias).encode()?).await?;
+        let got = tokio::time::timeout(DEADLINE, read_all(&mut raw)).await??;
+        assert_eq!(got, expect, "{alias}");
+    }
+    // Through a MeshStream the answer is taken and only the data is read.
+    let mut stream = dial_over_mesh(&source, target_addr, &header("greet")).await?;
+    let got = tokio::time::timeout(DEADLINE, read_all(&mut stream)).await??;
+    assert_eq!(got, b"hello");
+    // A refusal is an error of the first read, with the reason inside.
+    let mut stream = dial_over_mesh(&source, target_addr, &header("nope")).await?;
+    let err = tokio::time::timeout(DEADLINE, read_all(&mut stream))
+        .await?
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+    assert_eq!(
+        proxy::refusal(&err).map(ToString::to_string).as_deref(),
+        Some("the target agent denied the connection: denied: no such alias in the network")
+    );
     acceptor.abort();
     source.shutdown().await;
     target.shutdown().await;

@@ -144,6 +144,15 @@ impl TestAgent {
     }
 }
 
+/// Dials `header` over the mesh and returns the target's refusal, which
+/// comes as the first bytes of the connection.
+async fn refused(node: &MeshNode, target: SocketAddr, header: &MeshHeader) -> ProxyError {
+    let mut stream = proxy::dial_over_mesh(node, target, header)
+        .await
+        .expect("dial over the mesh");
+    stream.answer().await.expect_err("expected a refusal")
+}
+
 async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !condition() {
@@ -729,13 +738,9 @@ async fn the_target_checks_the_claim_against_the_mesh_peer() {
     // A laptop claiming to be a sandbox (with the aliases of one): refused.
     let mut forged = policy::Source::sandbox("sbx_web");
     forged.aliases = vec!["web".into()];
-    let err = tokio::time::timeout(
-        WAIT,
-        proxy::dial_over_mesh(&laptop, target, &header(forged)),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let err = tokio::time::timeout(WAIT, refused(&laptop, target, &header(forged)))
+        .await
+        .unwrap();
     match &err {
         ProxyError::Denied { reason } => {
             assert!(
@@ -748,10 +753,9 @@ async fn the_target_checks_the_claim_against_the_mesh_peer() {
     // A header naming an unknown network or alias: refused with the reason.
     let mut unknown = header(policy::Source::local());
     unknown.network = "prod".into();
-    let err = tokio::time::timeout(WAIT, proxy::dial_over_mesh(&laptop, target, &unknown))
+    let err = tokio::time::timeout(WAIT, refused(&laptop, target, &unknown))
         .await
-        .unwrap()
-        .unwrap_err();
+        .unwrap();
     assert!(
         err.to_string().contains("not attached to network `prod`")
             || err.to_string().contains("no such alias"),
@@ -759,10 +763,9 @@ async fn the_target_checks_the_claim_against_the_mesh_peer() {
     );
     let mut unknown = header(policy::Source::local());
     unknown.alias = "nope".into();
-    let err = tokio::time::timeout(WAIT, proxy::dial_over_mesh(&laptop, target, &unknown))
+    let err = tokio::time::timeout(WAIT, refused(&laptop, target, &unknown))
         .await
-        .unwrap()
-        .unwrap_err();
+        .unwrap();
     assert!(err.to_string().contains("no such alias"), "{err}");
     // (An agent peer claiming `local` or another host's sandbox is refused
     // the same way: agent::network::topology's unit tests.)

@@ -175,7 +175,12 @@ async fn serve_source(shared: &Shared, key: &ListenerKey, mut stream: TcpStream,
         Ok(upstream) => upstream,
         Err(e) => return failed(e.to_string()),
     };
-    let _ = proxy::splice_until(&mut stream, &mut upstream, &revoked).await;
+    // The target's refusal arrives as the first bytes from the mesh.
+    if let Err(e) = proxy::splice_until(&mut stream, &mut upstream, &revoked).await {
+        if let Some(refused) = proxy::refusal(&e) {
+            failed(refused.to_string());
+        }
+    }
 }
 
 /// Target side: serves overlay port 4180 until the mesh node goes away.
