@@ -59,10 +59,7 @@ fn main() -> ExitCode {
             write_json(options.json.as_deref(), &results)
         }),
         BenchCommand::Forward(options) => scenario::forward::run(&options).and_then(|results| {
-            println!(
-                "{}",
-                results.table(scenario::forward::SCENARIO, &scenario::forward::METRICS)
-            );
+            println!("{}", scenario::forward::table(&results));
             write_json(options.json.as_deref(), &results)
         }),
         BenchCommand::Proxy(options) => scenario::proxy::run(&options).and_then(|results| {

@@ -8,7 +8,16 @@
 //! measured path: client -> 127.0.0.1:<local> (the forwarder) -> its
 //! userspace mesh node -> the agent's overlay port 4180 (policy, `local`)
 //! -> the service. The baseline: the client straight to the service.
+//!
+//! Issue 8's target is "the same ratios as the agent proxy path", so the
+//! same run also measures that path (`gstacks-bench proxy`'s setup: agents
+//! A and B, rows with scenario `proxy`) against the same service, and the
+//! table puts each path's ratio to loopback side by side. A target holds
+//! when the forward ratio is at least 0.9x the proxy's for throughput and at
+//! most 1.1x the proxy's for round trips (the 10% is the run-to-run noise of
+//! these figures here).
 
+use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::netstack::kernel_dialer;
+use super::proxy::{self, ProxyPath};
 use super::support::{self, free_port, sibling, wait_for, Guard, SETUP};
 use crate::results::{Metric, Results, System};
 use crate::workload::{self, Dialer};
@@ -45,29 +55,37 @@ pub struct Options {
     pub seconds: u64,
 }
 
-/// Throughput both ways and 64-byte round trips through `dial`.
-async fn measure(system: System, dial: &Dialer, seconds: Duration, results: &mut Results) {
+/// Throughput both ways and 64-byte round trips through `dial`, recorded
+/// under `scenario`.
+async fn measure(
+    scenario: &'static str,
+    system: System,
+    dial: &Dialer,
+    seconds: Duration,
+    results: &mut Results,
+) {
     let deadline = seconds * 4 + Duration::from_secs(30);
     let mut note = |metric: Metric, outcome: Result<f64>| match outcome {
-        Ok(v) => results.record(SCENARIO, system, metric, v),
-        Err(e) => results.unavailable(SCENARIO, system, Some(metric), format!("{e:#}")),
+        Ok(v) => results.record(scenario, system, metric, v),
+        Err(e) => results.unavailable(scenario, system, Some(metric), format!("{e:#}")),
     };
     let timed = |r: Result<std::io::Result<f64>, tokio::time::error::Elapsed>| match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(anyhow!(e)),
         Err(_) => Err(anyhow!("no result within {deadline:?}")),
     };
-    eprintln!("forward:   {} throughput up", system.name());
+    let name = format!("{scenario} {}", system.name());
+    eprintln!("forward:   {name} throughput up");
     note(
         Metric::ThroughputUp,
         timed(tokio::time::timeout(deadline, workload::throughput_up(dial, seconds)).await),
     );
-    eprintln!("forward:   {} throughput down", system.name());
+    eprintln!("forward:   {name} throughput down");
     note(
         Metric::ThroughputDown,
         timed(tokio::time::timeout(deadline, workload::throughput_down(dial, seconds)).await),
     );
-    eprintln!("forward:   {} round trips", system.name());
+    eprintln!("forward:   {name} round trips");
     match tokio::time::timeout(
         Duration::from_secs(120),
         workload::round_trips(dial, RTT_SIZE, RTT_WARMUP, RTT_COUNT),
@@ -116,6 +134,7 @@ async fn run_async(options: &Options) -> Result<Results> {
 
     eprintln!("forward: loopback");
     measure(
+        SCENARIO,
         System::Loopback,
         &kernel_dialer(service, None),
         seconds,
@@ -124,19 +143,113 @@ async fn run_async(options: &Options) -> Result<Results> {
     .await;
 
     eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
-    match forwarder(work.path(), service).await {
-        Ok((local, _children, _control)) => {
+    match forwarder(&work.path().join("forward"), service).await {
+        Ok((local, children, control)) => {
             measure(
+                SCENARIO,
                 System::Gstacks,
                 &kernel_dialer(local, None),
                 seconds,
                 &mut results,
             )
             .await;
+            drop((children, control));
         }
         Err(e) => results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}")),
     }
+
+    eprintln!("forward: the agent proxy path (control plane, agents A and B)");
+    match ProxyPath::start(&work.path().join("proxy"), service).await {
+        Ok(path) => {
+            measure(
+                proxy::SCENARIO,
+                System::Gstacks,
+                &path.dialer(),
+                seconds,
+                &mut results,
+            )
+            .await;
+        }
+        Err(e) => results.unavailable(proxy::SCENARIO, System::Gstacks, None, format!("{e:#}")),
+    }
     Ok(results)
+}
+
+/// For a metric, this run's ratio to loopback of the forward path and of
+/// the proxy path, and whether the forward one is as good (within 10%).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    pub metric: Metric,
+    pub forward: Option<f64>,
+    pub proxy: Option<f64>,
+    /// `None` when a figure is missing.
+    pub held: Option<bool>,
+}
+
+/// Issue 8's target for each metric, from the figures of one run.
+pub fn comparisons(results: &Results) -> Vec<Comparison> {
+    METRICS
+        .iter()
+        .map(|&metric| {
+            let loopback = results
+                .get(SCENARIO, System::Loopback, metric)
+                .filter(|v| *v > 0.0);
+            let ratio = |scenario| {
+                let ours = results.get(scenario, System::Gstacks, metric)?;
+                Some(ours / loopback?)
+            };
+            let (forward, proxy) = (ratio(SCENARIO), ratio(proxy::SCENARIO));
+            let higher_is_better = matches!(metric, Metric::ThroughputUp | Metric::ThroughputDown);
+            let held = match (forward, proxy) {
+                (Some(f), Some(p)) if higher_is_better => Some(f >= 0.9 * p),
+                (Some(f), Some(p)) => Some(f <= 1.1 * p),
+                _ => None,
+            };
+            Comparison {
+                metric,
+                forward,
+                proxy,
+                held,
+            }
+        })
+        .collect()
+}
+
+/// The table for people: both paths and loopback, their ratios, and the
+/// target.
+pub fn table(results: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>7} {:>9} {:>9} {:>9}   {:>9} {:>9}   target: forward ratio vs proxy ratio",
+        "metric", "unit", "forward", "proxy", "loopback", "fwd/lo", "proxy/lo"
+    );
+    let cell = |v: Option<f64>| match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "n/a".to_owned(),
+    };
+    let times = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2}x"));
+    for c in comparisons(results) {
+        let outcome = match c.held {
+            Some(true) => "held",
+            Some(false) => "missed",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "{:<16} {:>7} {:>9} {:>9} {:>9}   {:>9} {:>9}   {outcome}",
+            c.metric.name(),
+            c.metric.unit(),
+            cell(results.get(SCENARIO, System::Gstacks, c.metric)),
+            cell(results.get(proxy::SCENARIO, System::Gstacks, c.metric)),
+            cell(results.get(SCENARIO, System::Loopback, c.metric)),
+            times(c.forward),
+            times(c.proxy),
+        );
+    }
+    results.write_unavailable(&mut out, None);
+    out
 }
 
 /// Brings up control plane, agent, join and `mesh forward`; the local
@@ -240,4 +353,40 @@ async fn forwarder(
         }
     }
     Ok((local, vec![forwarder, agent], running))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forward_ratio_is_held_against_the_proxy_ratio_of_the_run() {
+        let mut r = Results::default();
+        let mut put = |scenario, system, metric, v| r.record(scenario, system, metric, v);
+        put(SCENARIO, System::Loopback, Metric::ThroughputUp, 10_000.0);
+        put(SCENARIO, System::Gstacks, Metric::ThroughputUp, 1_000.0);
+        put(
+            proxy::SCENARIO,
+            System::Gstacks,
+            Metric::ThroughputUp,
+            1_050.0,
+        );
+        put(SCENARIO, System::Loopback, Metric::ThroughputDown, 10_000.0);
+        put(SCENARIO, System::Gstacks, Metric::ThroughputDown, 800.0);
+        put(
+            proxy::SCENARIO,
+            System::Gstacks,
+            Metric::ThroughputDown,
+            1_000.0,
+        );
+        put(SCENARIO, System::Loopback, Metric::RttP50, 20.0);
+        put(SCENARIO, System::Gstacks, Metric::RttP50, 150.0);
+        put(proxy::SCENARIO, System::Gstacks, Metric::RttP50, 180.0);
+        let held: Vec<Option<bool>> = comparisons(&r).iter().map(|c| c.held).collect();
+        // 0.10 >= 0.9 x 0.105; 0.08 < 0.9 x 0.10; 7.5 <= 1.1 x 9; p99 missing.
+        assert_eq!(held, [Some(true), Some(false), Some(true), None]);
+        let table = table(&r);
+        assert!(table.contains("0.10x"), "{table}");
+        assert!(table.contains("not measured"), "{table}");
+    }
 }

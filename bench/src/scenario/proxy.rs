@@ -16,9 +16,11 @@
 //! - scenario `netstack`, system `gstacks`: the raw mesh (two `MeshNode`s in
 //!   one process), measured by the `netstack` scenario's code in this run.
 //! - scenario `dns`: the `dns` scenario's rows (agent DNS beside dnsmasq).
-//! - metric `policy_decisions_per_s`: explained decisions (`policy::decide`)
-//!   against the 50-rule sample network (`policy::sample`), timed in this
-//!   process; `cargo bench -p policy` has the detailed figures.
+//! - metric `policy_decisions_per_s`: explained decisions through the
+//!   agent's rule index (`policy::RuleSet::decide`) against the 50-rule
+//!   sample network (`policy::sample`), timed in this process; the linear
+//!   scan's rate is printed beside it, and `cargo bench -p policy` has the
+//!   detailed figures.
 
 use std::fmt::Write as _;
 use std::hint::black_box;
@@ -106,20 +108,43 @@ pub fn run(options: &Options) -> Result<Results> {
 }
 
 /// Explained decisions per second against the sample network, the four
-/// connections of `policy::sample::queries` in turn, for `duration`.
+/// connections of `policy::sample::queries` in turn, for `duration` each:
+/// through the agent's index, and (printed as the baseline) by the linear
+/// scan over the rule list.
 fn policy_rate(duration: Duration) -> f64 {
     let rules = policy::sample::rules(POLICY_RULES);
+    let set = policy::RuleSet::new(rules.clone());
     let queries = policy::sample::queries(POLICY_RULES);
+    let indexed = decisions_per_s(duration, &queries, |q| {
+        black_box(&set).decide(black_box(&q.source), black_box(q.destination()))
+    });
+    let linear = decisions_per_s(duration, &queries, |q| {
+        policy::decide(
+            black_box(&rules),
+            black_box(&q.source),
+            black_box(q.destination()),
+        )
+    });
+    eprintln!(
+        "proxy: policy {:.2}M decisions/s through the index, {:.2}M by the linear scan ({:.2}x)",
+        indexed / 1e6,
+        linear / 1e6,
+        indexed / linear
+    );
+    indexed
+}
+
+fn decisions_per_s(
+    duration: Duration,
+    queries: &[policy::sample::Query],
+    decide: impl Fn(&policy::sample::Query) -> policy::Decision,
+) -> f64 {
     let start = Instant::now();
     let mut decisions: u64 = 0;
     while start.elapsed() < duration {
         for _ in 0..1_000 {
-            for query in &queries {
-                black_box(policy::decide(
-                    black_box(&rules),
-                    black_box(&query.source),
-                    black_box(query.destination()),
-                ));
+            for query in queries {
+                black_box(decide(query));
             }
         }
         decisions += 1_000 * queries.len() as u64;
@@ -151,7 +176,7 @@ fn proxy_and_loopback(seconds: Duration, work: &Path, results: &mut Results) -> 
 
     eprintln!("proxy: gstacks (control plane, agents A and B)");
     let path = runtime.block_on(ProxyPath::start(work, service))?;
-    let dial = kernel_dialer(path.listener, Some(IpAddr::V4(CLIENT_IP)));
+    let dial = path.dialer();
     netstack::measure(&runtime, SCENARIO, System::Gstacks, &dial, seconds, results);
     let before: Result<f64> = path.agents.iter().map(|a| netstack::rss_mib(a.pid())).sum();
     if let Ok(mib) = before {
@@ -172,14 +197,22 @@ fn proxy_and_loopback(seconds: Duration, work: &Path, results: &mut Results) -> 
 }
 
 /// The proxied path, up: what keeps it alive and where the client dials.
-struct ProxyPath {
+pub(super) struct ProxyPath {
     listener: SocketAddr,
     agents: Vec<Guard>,
     _control: control::server::Running,
 }
 
 impl ProxyPath {
-    async fn start(dir: &Path, service: SocketAddr) -> Result<ProxyPath> {
+    /// How a client reaches `service` through the path: from the address
+    /// of sandbox `sbx_client` to agent A's alias listener.
+    pub(super) fn dialer(&self) -> workload::Dialer {
+        kernel_dialer(self.listener, Some(IpAddr::V4(CLIENT_IP)))
+    }
+
+    /// Control plane, agents A and B, the two sandbox records and the rule;
+    /// returns once a connection has gone all the way to `service`.
+    pub(super) async fn start(dir: &Path, service: SocketAddr) -> Result<ProxyPath> {
         let running = support::start_control(&dir.join("control")).await?;
         let plane = running.plane.clone();
         let limit = CONNECTION_LIMIT.to_string();
