@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use netstack::{MeshNode, TcpListener, TcpStream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -271,6 +271,34 @@ impl AsyncWrite for AcceptedFirst {
     }
 }
 
+/// How long a refused connection is kept open for its refusal to arrive.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// Bytes of the source's data read and dropped meanwhile.
+const REFUSAL_DRAIN: usize = 256 * 1024;
+
+/// Sends a refusal and closes gracefully. The source does not wait for the
+/// answer before sending its client's bytes, and closing a connection with
+/// unread bytes resets it, which would throw away the refusal still queued:
+/// so the bytes that arrive are read and dropped until the source closes
+/// (it does on reading the refusal), for at most [`REFUSAL_LINGER`] and
+/// [`REFUSAL_DRAIN`] bytes.
+async fn refuse(stream: &mut TcpStream, answer: Response) -> Result<(), ProxyError> {
+    answer.write_to(stream).await?;
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    Ok(())
+}
+
 /// Target side: serves every connection of `listener` until the listener
 /// fails (the mesh node shut down), at most `max_connections` at once
 /// (further ones wait in the listener's backlog). For each one: read the header (within
@@ -330,12 +358,13 @@ where
     let admission = match resolved {
         Ok(admission) => admission,
         Err(reason) => {
-            Response::Denied {
-                reason: reason.clone(),
-            }
-            .write_to(&mut stream)
+            refuse(
+                &mut stream,
+                Response::Denied {
+                    reason: reason.clone(),
+                },
+            )
             .await?;
-            let _ = stream.shutdown().await;
             return Err(ProxyError::Denied { reason });
         }
     };
@@ -350,12 +379,13 @@ where
         Ok(upstream) => upstream,
         Err(e) => {
             let reason = format!("cannot connect to {to}: {e}");
-            Response::Unreachable {
-                reason: reason.clone(),
-            }
-            .write_to(&mut stream)
+            refuse(
+                &mut stream,
+                Response::Unreachable {
+                    reason: reason.clone(),
+                },
+            )
             .await?;
-            let _ = stream.shutdown().await;
             return Err(ProxyError::Unreachable { reason });
         }
     };
