@@ -55,6 +55,9 @@ fn lazily_zeroed(len: usize) -> Vec<u8> {
     buffer
 }
 
+/// How long an ACK waits for data going the other way to ride on.
+const ACK_DELAY: Duration = Duration::from_millis(5);
+
 /// A connection with nothing in flight for this long is parked: smoltcp
 /// visits every socket in its set on each poll, so thousands of idle
 /// connections would otherwise slow every active one.
@@ -149,6 +152,10 @@ struct SocketMeta {
     eof: bool,
     /// We sent FIN first: watch for TIME-WAIT to salvage unread bytes.
     half_closed: bool,
+    /// The pass in which the application last read bytes: until
+    /// [`ACK_DELAY`] after it, an ACK may be pending and the connection is
+    /// not parked.
+    read_at: Option<Instant>,
 }
 
 pub struct Node {
@@ -679,10 +686,14 @@ impl Node {
         );
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
-        // ACK at the end of each pass rather than after a 10 ms timer: a
-        // pass already coalesces the ACKs of a whole batch, and no delayed
-        // ACK is ever pending on an idle connection (so it can be parked).
-        socket.set_ack_delay(None);
+        // A short delayed ACK: an answer sent within it carries the ACK, so
+        // a request/response exchange costs one datagram each way instead
+        // of two (a pure ACK woke the other side for nothing). A stream is
+        // still acknowledged every second segment. `park_idle` waits for a
+        // pending ACK to go out.
+        socket.set_ack_delay(Some(smoltcp::time::Duration::from_micros(
+            ACK_DELAY.as_micros() as u64,
+        )));
         socket
     }
 
@@ -812,8 +823,9 @@ impl Node {
     /// Move established connections with nothing in flight out of smoltcp's
     /// socket set, which smoltcp walks on every poll. An inbound segment
     /// (found by its 4-tuple) or any socket operation brings them back.
-    /// ACKs are never delayed (see `new_tcp_socket`), so a parked
-    /// connection owes the peer nothing and has no timer running.
+    /// A connection read from less than [`ACK_DELAY`] ago may still owe
+    /// the peer an ACK and stays; one parked owes nothing and has no timer
+    /// running (the pass that parks has already sent every expired ACK).
     fn park_idle(&mut self) {
         let waiting: std::collections::HashSet<SocketId> = self
             .listeners
@@ -824,6 +836,7 @@ impl Node {
             .meta
             .iter()
             .filter(|(id, m)| !m.udp && !m.released && !m.half_closed && !waiting.contains(id))
+            .filter(|(_, m)| m.read_at.is_none_or(|at| self.now >= at + ACK_DELAY))
             .filter_map(|(id, m)| m.handle.map(|h| (*id, h)))
             .collect();
         for (id, handle) in candidates {
@@ -1082,10 +1095,19 @@ impl Node {
                 _ => Err(io::ErrorKind::ConnectionReset.into()),
             },
         };
-        if matches!(result, Ok(0)) && !buf.is_empty() {
-            if let Some(meta) = self.meta.get_mut(&id) {
-                meta.eof = true;
+        match result {
+            Ok(0) if !buf.is_empty() => {
+                if let Some(meta) = self.meta.get_mut(&id) {
+                    meta.eof = true;
+                }
             }
+            Ok(n) if n > 0 => {
+                let now = self.now;
+                if let Some(meta) = self.meta.get_mut(&id) {
+                    meta.read_at = Some(now);
+                }
+            }
+            _ => {}
         }
         result
     }
