@@ -79,7 +79,10 @@ fn dispatch(args: Args) -> Result<ExitCode, AgentError> {
     match args.command {
         Command::Run => {
             let config = AgentConfig::from_source(&source)?;
-            let runtime = tokio::runtime::Runtime::new()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads)
+                .enable_all()
+                .build()
                 .map_err(|e| AgentError::io("starting the runtime", "/", e))?;
             let code = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
