@@ -12,7 +12,9 @@
 //! Issue 8's target is "the same ratios as the agent proxy path", so the
 //! same run also measures that path (`gstacks-bench proxy`'s setup: agents
 //! A and B, rows with scenario `proxy`) against the same service, and the
-//! table puts each path's ratio to loopback side by side. A target holds
+//! table puts each path's ratio to loopback side by side. All three paths
+//! are up together and measured in turn, `--rounds` times; each figure is
+//! the median of its rounds. A target holds
 //! when the forward ratio is at least 0.9x the proxy's for throughput and at
 //! most 1.1x the proxy's for round trips (the 10% is the run-to-run noise of
 //! these figures here).
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 use super::netstack::kernel_dialer;
 use super::proxy::{self, ProxyPath};
@@ -53,61 +55,83 @@ pub struct Options {
     /// Seconds per throughput measurement.
     #[arg(long, value_name = "SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub seconds: u64,
+    /// Times each path is measured, in turn; each figure is the median.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    pub rounds: u32,
 }
 
-/// Throughput both ways and 64-byte round trips through `dial`, recorded
-/// under `scenario`.
-async fn measure(
-    scenario: &'static str,
-    system: System,
-    dial: &Dialer,
-    seconds: Duration,
-    results: &mut Results,
-) {
+/// One measurement of each metric through a path, or why it failed.
+type Figures = [(Metric, Result<f64, String>); 4];
+
+/// Throughput both ways and 64-byte round trips through `dial`.
+async fn measure(name: &str, dial: &Dialer, seconds: Duration) -> Figures {
     let deadline = seconds * 4 + Duration::from_secs(30);
-    let mut note = |metric: Metric, outcome: Result<f64>| match outcome {
-        Ok(v) => results.record(scenario, system, metric, v),
-        Err(e) => results.unavailable(scenario, system, Some(metric), format!("{e:#}")),
-    };
     let timed = |r: Result<std::io::Result<f64>, tokio::time::error::Elapsed>| match r {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(anyhow!(e)),
-        Err(_) => Err(anyhow!("no result within {deadline:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no result within {deadline:?}")),
     };
-    let name = format!("{scenario} {}", system.name());
     eprintln!("forward:   {name} throughput up");
-    note(
-        Metric::ThroughputUp,
-        timed(tokio::time::timeout(deadline, workload::throughput_up(dial, seconds)).await),
-    );
+    let up = timed(tokio::time::timeout(deadline, workload::throughput_up(dial, seconds)).await);
     eprintln!("forward:   {name} throughput down");
-    note(
-        Metric::ThroughputDown,
-        timed(tokio::time::timeout(deadline, workload::throughput_down(dial, seconds)).await),
-    );
+    let down =
+        timed(tokio::time::timeout(deadline, workload::throughput_down(dial, seconds)).await);
     eprintln!("forward:   {name} round trips");
-    match tokio::time::timeout(
+    let rtt = match tokio::time::timeout(
         Duration::from_secs(120),
         workload::round_trips(dial, RTT_SIZE, RTT_WARMUP, RTT_COUNT),
     )
     .await
     {
-        Ok(Ok((p50, p99))) => {
-            note(Metric::RttP50, Ok(p50));
-            note(Metric::RttP99, Ok(p99));
+        Ok(Ok(pair)) => Ok(pair),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no result within 120 s".to_owned()),
+    };
+    [
+        (Metric::ThroughputUp, up),
+        (Metric::ThroughputDown, down),
+        (Metric::RttP50, rtt.clone().map(|(p50, _)| p50)),
+        (Metric::RttP99, rtt.map(|(_, p99)| p99)),
+    ]
+}
+
+/// The paths measured in turn, each `rounds` times.
+struct Measured {
+    scenario: &'static str,
+    system: System,
+    dial: Dialer,
+    rounds: Vec<Figures>,
+}
+
+/// Records the median of each metric's rounds (or, with none, the last
+/// error).
+fn record_medians(path: &Measured, results: &mut Results) {
+    for (k, metric) in METRICS.iter().enumerate() {
+        let mut values: Vec<f64> = path
+            .rounds
+            .iter()
+            .filter_map(|r| r[k].1.as_ref().ok().copied())
+            .collect();
+        if values.is_empty() {
+            let why = path
+                .rounds
+                .iter()
+                .rev()
+                .find_map(|r| r[k].1.as_ref().err().cloned())
+                .unwrap_or_else(|| "not measured".to_owned());
+            results.unavailable(path.scenario, path.system, Some(*metric), why);
+            continue;
         }
-        other => {
-            let why = match other {
-                Ok(Err(e)) => e.to_string(),
-                _ => "no result within 120 s".to_owned(),
-            };
-            note(Metric::RttP50, Err(anyhow!(why.clone())));
-            note(Metric::RttP99, Err(anyhow!(why)));
-        }
+        values.sort_by(f64::total_cmp);
+        let median = values[values.len() / 2];
+        results.record(path.scenario, path.system, *metric, median);
     }
 }
 
-/// Runs the scenario: loopback first, then the forwarder.
+/// Runs the scenario: everything is brought up, then loopback, the
+/// forwarder and the proxy path are measured in turn, `--rounds` times, and
+/// each figure is the median of its rounds (the machine's noise moves single
+/// runs by 15%).
 pub fn run(options: &Options) -> Result<Results> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -132,45 +156,58 @@ async fn run_async(options: &Options) -> Result<Results> {
         }
     });
 
-    eprintln!("forward: loopback");
-    measure(
-        SCENARIO,
-        System::Loopback,
-        &kernel_dialer(service, None),
-        seconds,
-        &mut results,
-    )
-    .await;
-
+    let mut paths = vec![Measured {
+        scenario: SCENARIO,
+        system: System::Loopback,
+        dial: kernel_dialer(service, None),
+        rounds: Vec::new(),
+    }];
     eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
-    match forwarder(&work.path().join("forward"), service).await {
+    let _forwarder = match forwarder(&work.path().join("forward"), service).await {
         Ok((local, children, control)) => {
-            measure(
-                SCENARIO,
-                System::Gstacks,
-                &kernel_dialer(local, None),
-                seconds,
-                &mut results,
-            )
-            .await;
-            drop((children, control));
+            paths.push(Measured {
+                scenario: SCENARIO,
+                system: System::Gstacks,
+                dial: kernel_dialer(local, None),
+                rounds: Vec::new(),
+            });
+            Some((children, control))
         }
-        Err(e) => results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}")),
-    }
-
+        Err(e) => {
+            results.unavailable(SCENARIO, System::Gstacks, None, format!("{e:#}"));
+            None
+        }
+    };
     eprintln!("forward: the agent proxy path (control plane, agents A and B)");
-    match ProxyPath::start(&work.path().join("proxy"), service).await {
+    let _proxy = match ProxyPath::start(&work.path().join("proxy"), service).await {
         Ok(path) => {
-            measure(
-                proxy::SCENARIO,
-                System::Gstacks,
-                &path.dialer(),
-                seconds,
-                &mut results,
-            )
-            .await;
+            paths.push(Measured {
+                scenario: proxy::SCENARIO,
+                system: System::Gstacks,
+                dial: path.dialer(),
+                rounds: Vec::new(),
+            });
+            Some(path)
         }
-        Err(e) => results.unavailable(proxy::SCENARIO, System::Gstacks, None, format!("{e:#}")),
+        Err(e) => {
+            results.unavailable(proxy::SCENARIO, System::Gstacks, None, format!("{e:#}"));
+            None
+        }
+    };
+    for round in 1..=options.rounds {
+        for path in &mut paths {
+            let name = format!(
+                "{} {} (round {round}/{})",
+                path.scenario,
+                path.system.name(),
+                options.rounds
+            );
+            let figures = measure(&name, &path.dial, seconds).await;
+            path.rounds.push(figures);
+        }
+    }
+    for path in &paths {
+        record_medians(path, &mut results);
     }
     Ok(results)
 }
@@ -358,6 +395,43 @@ async fn forwarder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_figure_is_the_median_of_its_rounds_or_the_last_error() {
+        let round = |up: f64, rtt: Result<f64, String>| -> Figures {
+            [
+                (Metric::ThroughputUp, Ok(up)),
+                (Metric::ThroughputDown, Err("refused".to_owned())),
+                (Metric::RttP50, rtt.clone()),
+                (Metric::RttP99, rtt),
+            ]
+        };
+        let path = Measured {
+            scenario: SCENARIO,
+            system: System::Gstacks,
+            dial: kernel_dialer(SocketAddr::from(([127, 0, 0, 1], 9)), None),
+            rounds: vec![
+                round(300.0, Ok(10.0)),
+                round(100.0, Err("timed out".to_owned())),
+                round(200.0, Ok(30.0)),
+            ],
+        };
+        let mut r = Results::default();
+        record_medians(&path, &mut r);
+        assert_eq!(
+            r.get(SCENARIO, System::Gstacks, Metric::ThroughputUp),
+            Some(200.0)
+        );
+        // Of two values, the upper one.
+        assert_eq!(r.get(SCENARIO, System::Gstacks, Metric::RttP50), Some(30.0));
+        assert_eq!(
+            r.get(SCENARIO, System::Gstacks, Metric::ThroughputDown),
+            None
+        );
+        let mut out = String::new();
+        r.write_unavailable(&mut out, None);
+        assert!(out.contains("throughput_down: refused"), "{out}");
+    }
 
     #[test]
     fn the_forward_ratio_is_held_against_the_proxy_ratio_of_the_run() {
