@@ -78,9 +78,8 @@ pub struct MeshStream {
 enum Answer {
     /// The bytes of the answer so far.
     Reading(Vec<u8>),
-    Accepted,
-    /// Denied or unreachable (1 or 2) with the reason.
-    Refused(u8, String),
+    /// The whole answer.
+    Received(Response),
 }
 
 impl MeshStream {
@@ -98,24 +97,20 @@ impl MeshStream {
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         loop {
             let bytes = match &mut self.answer {
-                Answer::Accepted => return Poll::Ready(Ok(())),
-                Answer::Refused(status, reason) => {
+                Answer::Received(Response::Accepted) => return Poll::Ready(Ok(())),
+                Answer::Received(Response::Denied { reason }) => {
                     let reason = reason.clone();
-                    return Poll::Ready(Err(if *status == 1 {
-                        ProxyError::Denied { reason }
-                    } else {
-                        ProxyError::Unreachable { reason }
-                    }));
+                    return Poll::Ready(Err(ProxyError::Denied { reason }));
+                }
+                Answer::Received(Response::Unreachable { reason }) => {
+                    let reason = reason.clone();
+                    return Poll::Ready(Err(ProxyError::Unreachable { reason }));
                 }
                 Answer::Reading(bytes) => bytes,
             };
             let needed = Response::needed(bytes)?;
             if bytes.len() == needed {
-                self.answer = match Response::decode(bytes)? {
-                    Response::Accepted => Answer::Accepted,
-                    Response::Denied { reason } => Answer::Refused(1, reason),
-                    Response::Unreachable { reason } => Answer::Refused(2, reason),
-                };
+                self.answer = Answer::Received(Response::decode(bytes)?);
                 continue;
             }
             // Exactly the rest of the answer, never a byte of the data.
@@ -152,7 +147,7 @@ pub fn refusal(error: &io::Error) -> Option<&ProxyError> {
 impl MeshStream {
     /// The answer as an I/O error when it is a refusal (or malformed).
     fn poll_answer_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if matches!(self.answer, Answer::Accepted) {
+        if matches!(self.answer, Answer::Received(Response::Accepted)) {
             return Poll::Ready(Ok(()));
         }
         let Err(e) = ready!(self.poll_answer(cx)) else {
@@ -226,7 +221,7 @@ struct AcceptedFirst {
 
 impl AcceptedFirst {
     fn poll_pay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.owed {
+        if self.owed {
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &ACCEPTED))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
