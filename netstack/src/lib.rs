@@ -11,6 +11,13 @@
 //!   socket and one timer; [`TcpStream`], [`TcpListener`] and [`UdpSocket`]
 //!   are the handles applications use.
 
+//!
+//! Unsafe code is denied here, as everywhere in the workspace, except in
+//! `buffers`: the socket rings live in memory the node maps itself, so that
+//! an idle connection can give its pages back (smoltcp keeps a socket's
+//! buffers for its whole life). That module states its invariants.
+
+mod buffers;
 pub mod config;
 mod device;
 mod driver;
@@ -26,7 +33,8 @@ pub use device::MTU;
 pub use driver::{MeshNode, TcpListener, TcpStream, UdpSocket, CONNECT_TIMEOUT};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey};
 pub use node::{
-    ConnectState, Node, NodeConfig, PeerConfig, SocketId, Transmit, ACCEPT_BACKLOG, TCP_BUFFER,
+    BufferMemory, ConnectState, Node, NodeConfig, PeerConfig, SocketId, Transmit, ACCEPT_BACKLOG,
+    TCP_BUFFER,
 };
 pub use status::{DropReason, Drops, PeerStatus, Status};
 pub use tunnel::{
@@ -58,4 +66,6 @@ pub enum NetstackError {
     Bind(SocketAddr, #[source] std::io::Error),
     #[error("the mesh node has shut down")]
     Shutdown,
+    #[error("cannot map memory for a TCP connection's buffers: {0}")]
+    Memory(#[source] std::io::Error),
 }

@@ -728,9 +728,26 @@ fn idle_connections_are_parked_and_wake_on_traffic_from_either_side() {
         let got = sim.transfer_some((0, *client), (1, *server), &[i as u8; 100]);
         assert_eq!(got, vec![i as u8; 100]);
     }
+    // Each client has written one page of its send ring, each server one
+    // page of its receive ring (and two listening sockets wait).
+    let page = sim.nodes[0].node.tcp_buffer_memory().resident_bytes / 50;
+    assert!(page >= 4096, "{:?}", sim.nodes[0].node.tcp_buffer_memory());
+    assert_eq!(
+        sim.nodes[1].node.tcp_buffer_memory(),
+        netstack::BufferMemory {
+            sockets: 52,
+            resident_bytes: 50 * page
+        }
+    );
     sim.run_for(Duration::from_secs(5));
     assert_eq!(sim.nodes[0].node.parked_connections(), 50);
     assert_eq!(sim.nodes[1].node.parked_connections(), 50);
+    // Parked, the send rings are given back; a receive ring keeps its page.
+    assert_eq!(sim.nodes[0].node.tcp_buffer_memory().resident_bytes, 0);
+    assert_eq!(
+        sim.nodes[1].node.tcp_buffer_memory().resident_bytes,
+        50 * page
+    );
     // Parked sockets cost nothing: no traffic, no timers (after WireGuard's
     // own passive keepalive, 10 s after the last data).
     sim.run_for(Duration::from_secs(15));
@@ -750,4 +767,21 @@ fn idle_connections_are_parked_and_wake_on_traffic_from_either_side() {
     for node in 0..2 {
         assert_eq!(sim.nodes[node].node.status().total_drops().total(), 0);
     }
+    // Closed on both sides, their slots come back, with nothing resident.
+    for (client, server) in &pairs {
+        sim.nodes[0].node.tcp_shutdown(*client);
+        sim.nodes[0].node.tcp_release(*client);
+        sim.nodes[1].node.tcp_shutdown(*server);
+        sim.nodes[1].node.tcp_release(*server);
+    }
+    sim.run_for(Duration::from_secs(60));
+    assert_eq!(
+        sim.nodes[0].node.tcp_buffer_memory(),
+        netstack::BufferMemory {
+            sockets: 0,
+            resident_bytes: 0
+        }
+    );
+    assert_eq!(sim.nodes[1].node.tcp_buffer_memory().sockets, 2);
+    assert_eq!(sim.nodes[1].node.tcp_buffer_memory().resident_bytes, 0);
 }

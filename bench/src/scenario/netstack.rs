@@ -55,6 +55,11 @@ const RTT_WARMUP: usize = 200;
 const RTT_COUNT: usize = 5_000;
 /// Longest wait for the idle connections to be opened.
 const IDLE_DEADLINE: Duration = Duration::from_secs(180);
+/// How long the connections stay idle before their RSS is read: a mesh
+/// node parks a connection found idle by its once-a-second scan, and a
+/// parked connection gives its send ring back. The figure when the last
+/// connection opened is printed beside it.
+const IDLE_SETTLE: Duration = Duration::from_millis(2500);
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
@@ -610,7 +615,8 @@ pub(crate) fn own_command(args: &[&str]) -> Command {
 }
 
 /// Starts a `hold-idle` child, waits (up to [`IDLE_DEADLINE`]) for its
-/// `ready` line, reads the RSS, then closes its stdin so it exits.
+/// `ready` line, reads the RSS once the connections have been idle for
+/// [`IDLE_SETTLE`], then closes its stdin so it exits.
 pub(crate) fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
     command
         .stdin(Stdio::piped())
@@ -627,11 +633,25 @@ pub(crate) fn hold_idle_rss(mut command: Command, of: RssOf) -> Result<f64> {
         let read = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(read.map(|_| line));
     });
-    let outcome = match rx.recv_timeout(IDLE_DEADLINE) {
-        Ok(Ok(line)) if line.starts_with("ready") => match of {
+    let read = |of: &RssOf| -> Result<f64> {
+        match of {
             RssOf::Child => rss_mib(child.id()),
-            RssOf::Pids(pids) => pids.into_iter().map(rss_mib).sum(),
-        },
+            RssOf::Pids(pids) => pids.iter().copied().map(rss_mib).sum(),
+        }
+    };
+    let outcome = match rx.recv_timeout(IDLE_DEADLINE) {
+        Ok(Ok(line)) if line.starts_with("ready") => {
+            let opened = read(&of);
+            std::thread::sleep(IDLE_SETTLE);
+            let idle = read(&of);
+            if let (Ok(opened), Ok(idle)) = (&opened, &idle) {
+                eprintln!(
+                    "  RSS {opened:.1} MiB when the last connection opened, {idle:.1} MiB after {:.1} s idle",
+                    IDLE_SETTLE.as_secs_f64()
+                );
+            }
+            idle
+        }
         Ok(Ok(line)) if line.is_empty() => Err(anyhow!(
             "hold-idle child exited before opening its connections"
         )),
