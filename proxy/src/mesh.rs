@@ -281,7 +281,9 @@ async fn refuse(stream: &mut TcpStream, answer: Response) -> Result<(), ProxyErr
     answer.write_to(stream).await?;
     let _ = stream.shutdown().await;
     let drain = async {
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would live in every connection's
+        // future (4 KiB of each idle connection's task), refused or not.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < REFUSAL_DRAIN {
             match stream.read(&mut sink).await {
