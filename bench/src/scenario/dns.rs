@@ -83,9 +83,32 @@ fn free_udp_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// dnsmasq's figure. It binds TCP as well as UDP on its port, and a free
+/// UDP port may be a busy TCP one (the agents' connections use loopback
+/// ports too): a dnsmasq that exits at start is tried on another port.
 fn dnsmasq_qps(queries: &std::path::Path, options: &Options) -> anyhow::Result<f64> {
-    let port = free_udp_port()?;
-    let mut child = Command::new("dnsmasq")
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        match dnsmasq_qps_on(free_udp_port()?, queries, options) {
+            Err(Startup(why)) => failures.push(why),
+            Ok(outcome) => return outcome,
+        }
+    }
+    Err(anyhow::anyhow!(
+        "dnsmasq did not start: {}",
+        failures.join("; ")
+    ))
+}
+
+/// dnsmasq exited before answering, saying this.
+struct Startup(String);
+
+fn dnsmasq_qps_on(
+    port: u16,
+    queries: &std::path::Path,
+    options: &Options,
+) -> Result<anyhow::Result<f64>, Startup> {
+    let child = Command::new("dnsmasq")
         .args([
             "--keep-in-foreground",
             "--conf-file=/dev/null",
@@ -101,11 +124,24 @@ fn dnsmasq_qps(queries: &std::path::Path, options: &Options) -> anyhow::Result<f
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .context("dnsmasq (Debian's dnsmasq-base) is not installed")?;
+        .context("dnsmasq (Debian's dnsmasq-base) is not installed");
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) => return Ok(Err(e)),
+    };
     // Ready when it answers a query.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    probe.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let probe = match std::net::UdpSocket::bind("127.0.0.1:0").and_then(|probe| {
+        probe.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(probe)
+    }) {
+        Ok(probe) => probe,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Err(e.into()));
+        }
+    };
     let query = [
         0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'a', b'p', b'i', 3, b'd', b'e', b'v', 7,
         b'g', b's', b't', b'a', b'c', b'k', b's', 0, 0, 1, 0, 1,
@@ -115,8 +151,12 @@ fn dnsmasq_qps(queries: &std::path::Path, options: &Options) -> anyhow::Result<f
         if Instant::now() > deadline {
             break false;
         }
-        if let Ok(Some(_)) = child.try_wait() {
-            break false;
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut said = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+            }
+            return Err(Startup(format!("port {port}: {status}: {}", said.trim())));
         }
         let _ = probe.send_to(&query, ("127.0.0.1", port));
         if probe.recv_from(&mut buf).is_ok() {
@@ -133,7 +173,7 @@ fn dnsmasq_qps(queries: &std::path::Path, options: &Options) -> anyhow::Result<f
     // Only the child this run started, by its pid.
     let _ = child.kill();
     let _ = child.wait();
-    outcome
+    Ok(outcome)
 }
 
 fn dnsperf(queries: &std::path::Path, port: u16, options: &Options) -> anyhow::Result<f64> {
