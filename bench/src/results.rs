@@ -142,6 +142,43 @@ impl Results {
         self.unavailable.extend(other.unavailable);
     }
 
+    /// One result per figure from several rounds of the same measurements:
+    /// each figure is the median of the rounds that measured it (the upper
+    /// one for an even count); a figure no round measured keeps the last
+    /// round's reason.
+    pub fn medians(rounds: Vec<Results>) -> Results {
+        let mut merged = Results::default();
+        let all: Vec<&Measurement> = rounds.iter().flat_map(|r| &r.results).collect();
+        for m in &all {
+            if merged.get(&m.scenario, m.system, m.metric).is_some() {
+                continue;
+            }
+            let mut values: Vec<f64> = all
+                .iter()
+                .filter(|o| {
+                    o.scenario == m.scenario && o.system == m.system && o.metric == m.metric
+                })
+                .map(|o| o.value)
+                .collect();
+            values.sort_by(f64::total_cmp);
+            merged.record(&m.scenario, m.system, m.metric, values[values.len() / 2]);
+        }
+        for gap in rounds.iter().rev().flat_map(|r| &r.unavailable) {
+            let measured = merged.results.iter().any(|m| {
+                m.scenario == gap.scenario
+                    && m.system == gap.system
+                    && gap.metric.is_none_or(|metric| m.metric == metric)
+            });
+            let noted = merged.unavailable.iter().any(|u| {
+                u.scenario == gap.scenario && u.system == gap.system && u.metric == gap.metric
+            });
+            if !measured && !noted {
+                merged.unavailable.push(gap.clone());
+            }
+        }
+        merged
+    }
+
     pub fn get(&self, scenario: &str, system: System, metric: Metric) -> Option<f64> {
         self.results
             .iter()
@@ -223,6 +260,44 @@ impl Results {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_of_rounds_take_each_figure_s_middle_and_keep_unmeasured_gaps() {
+        let round = |up: f64, p50: Option<f64>, why: &str| {
+            let mut r = Results::default();
+            r.record("proxy", System::Gstacks, Metric::ThroughputUp, up);
+            match p50 {
+                Some(v) => r.record("proxy", System::Gstacks, Metric::RttP50, v),
+                None => r.unavailable("proxy", System::Gstacks, Some(Metric::RttP50), why),
+            }
+            r.unavailable("proxy", System::Dnsmasq, None, why);
+            r
+        };
+        let merged = Results::medians(vec![
+            round(300.0, None, "first"),
+            round(100.0, Some(9.0), "second"),
+            round(200.0, None, "third"),
+        ]);
+        assert_eq!(
+            merged.get("proxy", System::Gstacks, Metric::ThroughputUp),
+            Some(200.0)
+        );
+        assert_eq!(
+            merged.get("proxy", System::Gstacks, Metric::RttP50),
+            Some(9.0)
+        );
+        assert_eq!(merged.results.len(), 2);
+        // Measured in one round: no gap. Never measured: the last reason.
+        assert_eq!(merged.unavailable.len(), 1);
+        assert_eq!(merged.unavailable[0].system, System::Dnsmasq);
+        assert_eq!(merged.unavailable[0].reason, "third");
+
+        let even = Results::medians(vec![round(1.0, None, ""), round(4.0, None, "")]);
+        assert_eq!(
+            even.get("proxy", System::Gstacks, Metric::ThroughputUp),
+            Some(4.0)
+        );
+    }
 
     #[test]
     fn json_has_the_shared_shape() {

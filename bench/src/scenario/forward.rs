@@ -13,8 +13,9 @@
 //! same run also measures that path (`gstacks-bench proxy`'s setup: agents
 //! A and B, rows with scenario `proxy`) against the same service, and the
 //! table puts each path's ratio to loopback side by side. All three paths
-//! are up together and measured in turn, `--rounds` times; each figure is
-//! the median of its rounds. A target holds
+//! are up together; each round measures one metric through the three paths
+//! back to back, then the next metric, `--rounds` times (default 5); each
+//! figure is the median of its rounds. A target holds
 //! when the forward ratio is at least 0.9x the proxy's for throughput and at
 //! most 1.1x the proxy's for round trips (the 10% is the run-to-run noise of
 //! these figures here).
@@ -56,82 +57,78 @@ pub struct Options {
     #[arg(long, value_name = "SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub seconds: u64,
     /// Times each path is measured, in turn; each figure is the median.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=15))]
     pub rounds: u32,
 }
 
-/// One measurement of each metric through a path, or why it failed.
-type Figures = [(Metric, Result<f64, String>); 4];
-
-/// Throughput both ways and 64-byte round trips through `dial`.
-async fn measure(name: &str, dial: &Dialer, seconds: Duration) -> Figures {
-    let deadline = seconds * 4 + Duration::from_secs(30);
-    let timed = |r: Result<std::io::Result<f64>, tokio::time::error::Elapsed>| match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no result within {deadline:?}")),
-    };
-    eprintln!("forward:   {name} throughput up");
-    let up = timed(tokio::time::timeout(deadline, workload::throughput_up(dial, seconds)).await);
-    eprintln!("forward:   {name} throughput down");
-    let down =
-        timed(tokio::time::timeout(deadline, workload::throughput_down(dial, seconds)).await);
-    eprintln!("forward:   {name} round trips");
-    let rtt = match tokio::time::timeout(
-        Duration::from_secs(120),
-        workload::round_trips(dial, RTT_SIZE, RTT_WARMUP, RTT_COUNT),
-    )
-    .await
-    {
-        Ok(Ok(pair)) => Ok(pair),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no result within 120 s".to_owned()),
-    };
-    [
-        (Metric::ThroughputUp, up),
-        (Metric::ThroughputDown, down),
-        (Metric::RttP50, rtt.clone().map(|(p50, _)| p50)),
-        (Metric::RttP99, rtt.map(|(_, p99)| p99)),
-    ]
+/// What one step of a round measures through every path in turn.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Up,
+    Down,
+    RoundTrips,
 }
 
-/// The paths measured in turn, each `rounds` times.
-struct Measured {
-    scenario: &'static str,
-    system: System,
-    dial: Dialer,
-    rounds: Vec<Figures>,
-}
+impl Step {
+    const ALL: [Step; 3] = [Step::Up, Step::Down, Step::RoundTrips];
 
-/// Records the median of each metric's rounds (or, with none, the last
-/// error).
-fn record_medians(path: &Measured, results: &mut Results) {
-    for (k, metric) in METRICS.iter().enumerate() {
-        let mut values: Vec<f64> = path
-            .rounds
-            .iter()
-            .filter_map(|r| r[k].1.as_ref().ok().copied())
-            .collect();
-        if values.is_empty() {
-            let why = path
-                .rounds
-                .iter()
-                .rev()
-                .find_map(|r| r[k].1.as_ref().err().cloned())
-                .unwrap_or_else(|| "not measured".to_owned());
-            results.unavailable(path.scenario, path.system, Some(*metric), why);
-            continue;
+    /// This step's figures through `dial`: one throughput, or the p50 and
+    /// p99 of 64-byte round trips.
+    async fn measure(
+        self,
+        name: &str,
+        dial: &Dialer,
+        seconds: Duration,
+    ) -> Vec<(Metric, Result<f64, String>)> {
+        let deadline = seconds * 4 + Duration::from_secs(30);
+        let timed = |r: Result<std::io::Result<f64>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no result within {deadline:?}")),
+        };
+        match self {
+            Step::Up => {
+                eprintln!("forward:   {name} throughput up");
+                let up = tokio::time::timeout(deadline, workload::throughput_up(dial, seconds));
+                vec![(Metric::ThroughputUp, timed(up.await))]
+            }
+            Step::Down => {
+                eprintln!("forward:   {name} throughput down");
+                let down = tokio::time::timeout(deadline, workload::throughput_down(dial, seconds));
+                vec![(Metric::ThroughputDown, timed(down.await))]
+            }
+            Step::RoundTrips => {
+                eprintln!("forward:   {name} round trips");
+                let rtt = match tokio::time::timeout(
+                    Duration::from_secs(120),
+                    workload::round_trips(dial, RTT_SIZE, RTT_WARMUP, RTT_COUNT),
+                )
+                .await
+                {
+                    Ok(Ok(pair)) => Ok(pair),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("no result within 120 s".to_owned()),
+                };
+                vec![
+                    (Metric::RttP50, rtt.clone().map(|(p50, _)| p50)),
+                    (Metric::RttP99, rtt.map(|(_, p99)| p99)),
+                ]
+            }
         }
-        values.sort_by(f64::total_cmp);
-        let median = values[values.len() / 2];
-        results.record(path.scenario, path.system, *metric, median);
     }
 }
 
-/// Runs the scenario: everything is brought up, then loopback, the
-/// forwarder and the proxy path are measured in turn, `--rounds` times, and
-/// each figure is the median of its rounds (the machine's noise moves single
-/// runs by 15%).
+/// A path (loopback, the forwarder, the proxy path) measured in each round.
+struct Route {
+    scenario: &'static str,
+    system: System,
+    dial: Dialer,
+}
+
+/// Runs the scenario: everything is brought up, then each round measures
+/// upload, download and round trips, each through loopback, the forwarder
+/// and the proxy path back to back; each figure is the median of its
+/// `--rounds` rounds (the machine's noise moves single runs by 15%).
 pub fn run(options: &Options) -> Result<Results> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -156,20 +153,18 @@ async fn run_async(options: &Options) -> Result<Results> {
         }
     });
 
-    let mut paths = vec![Measured {
+    let mut paths = vec![Route {
         scenario: SCENARIO,
         system: System::Loopback,
         dial: kernel_dialer(service, None),
-        rounds: Vec::new(),
     }];
     eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
     let _forwarder = match forwarder(&work.path().join("forward"), service).await {
         Ok((local, children, control)) => {
-            paths.push(Measured {
+            paths.push(Route {
                 scenario: SCENARIO,
                 system: System::Gstacks,
                 dial: kernel_dialer(local, None),
-                rounds: Vec::new(),
             });
             Some((children, control))
         }
@@ -181,11 +176,10 @@ async fn run_async(options: &Options) -> Result<Results> {
     eprintln!("forward: the agent proxy path (control plane, agents A and B)");
     let _proxy = match ProxyPath::start(&work.path().join("proxy"), service).await {
         Ok(path) => {
-            paths.push(Measured {
+            paths.push(Route {
                 scenario: proxy::SCENARIO,
                 system: System::Gstacks,
                 dial: path.dialer(),
-                rounds: Vec::new(),
             });
             Some(path)
         }
@@ -194,21 +188,32 @@ async fn run_async(options: &Options) -> Result<Results> {
             None
         }
     };
+    // Each step goes through every path back to back, so that the paths
+    // of one round see the same moment of a noisy machine.
+    let mut rounds = Vec::new();
     for round in 1..=options.rounds {
-        for path in &mut paths {
-            let name = format!(
-                "{} {} (round {round}/{})",
-                path.scenario,
-                path.system.name(),
-                options.rounds
-            );
-            let figures = measure(&name, &path.dial, seconds).await;
-            path.rounds.push(figures);
+        let mut measured = Results::default();
+        for step in Step::ALL {
+            for path in &paths {
+                let name = format!(
+                    "{} {} (round {round}/{})",
+                    path.scenario,
+                    path.system.name(),
+                    options.rounds
+                );
+                for (metric, figure) in step.measure(&name, &path.dial, seconds).await {
+                    match figure {
+                        Ok(v) => measured.record(path.scenario, path.system, metric, v),
+                        Err(why) => {
+                            measured.unavailable(path.scenario, path.system, Some(metric), why)
+                        }
+                    }
+                }
+            }
         }
+        rounds.push(measured);
     }
-    for path in &paths {
-        record_medians(path, &mut results);
-    }
+    results.extend(Results::medians(rounds));
     Ok(results)
 }
 
@@ -395,43 +400,6 @@ async fn forwarder(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_figure_is_the_median_of_its_rounds_or_the_last_error() {
-        let round = |up: f64, rtt: Result<f64, String>| -> Figures {
-            [
-                (Metric::ThroughputUp, Ok(up)),
-                (Metric::ThroughputDown, Err("refused".to_owned())),
-                (Metric::RttP50, rtt.clone()),
-                (Metric::RttP99, rtt),
-            ]
-        };
-        let path = Measured {
-            scenario: SCENARIO,
-            system: System::Gstacks,
-            dial: kernel_dialer(SocketAddr::from(([127, 0, 0, 1], 9)), None),
-            rounds: vec![
-                round(300.0, Ok(10.0)),
-                round(100.0, Err("timed out".to_owned())),
-                round(200.0, Ok(30.0)),
-            ],
-        };
-        let mut r = Results::default();
-        record_medians(&path, &mut r);
-        assert_eq!(
-            r.get(SCENARIO, System::Gstacks, Metric::ThroughputUp),
-            Some(200.0)
-        );
-        // Of two values, the upper one.
-        assert_eq!(r.get(SCENARIO, System::Gstacks, Metric::RttP50), Some(30.0));
-        assert_eq!(
-            r.get(SCENARIO, System::Gstacks, Metric::ThroughputDown),
-            None
-        );
-        let mut out = String::new();
-        r.write_unavailable(&mut out, None);
-        assert!(out.contains("throughput_down: refused"), "{out}");
-    }
 
     #[test]
     fn the_forward_ratio_is_held_against_the_proxy_ratio_of_the_run() {
