@@ -9,16 +9,20 @@
 //! userspace mesh node -> the agent's overlay port 4180 (policy, `local`)
 //! -> the service. The baseline: the client straight to the service.
 //!
-//! Issue 8's target is "the same ratios as the agent proxy path", so the
-//! same run also measures that path (`gstacks-bench proxy`'s setup: agents
-//! A and B, rows with scenario `proxy`) against the same service, and the
-//! table puts each path's ratio to loopback side by side. All three paths
-//! are up together; each round measures one metric through the three paths
-//! back to back, then the next metric, `--rounds` times (default 5); each
-//! figure is the median of its rounds. A target holds
-//! when the forward ratio is at least 0.9x the proxy's for throughput and at
-//! most 1.1x the proxy's for round trips (the 10% is the run-to-run noise of
-//! these figures here).
+//! Issue 8's target is "the same ratios as the agent proxy path". The
+//! table checks it two ways:
+//! - issue 6's ratios applied to the forwarder: throughput at least 0.8x
+//!   the raw mesh's (rows with scenario `netstack`, measured by this run
+//!   first, medians of up to 3 rounds), p50 round trip at most 1.5x
+//!   loopback's + 150 us;
+//! - beside the proxy path itself (`gstacks-bench proxy`'s setup: agents A
+//!   and B, rows with scenario `proxy`) against the same service: each
+//!   path's ratio to loopback, held when the forwarder's is at least 0.9x
+//!   the proxy's for throughput and at most 1.1x for round trips.
+//!
+//! All three paths are up together; each round measures one metric through
+//! the three paths back to back, then the next metric, `--rounds` times
+//! (default 5); each figure is the median of its rounds.
 
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader};
@@ -29,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::netstack::kernel_dialer;
-use super::proxy::{self, ProxyPath};
+use super::netstack::{self, kernel_dialer};
+use super::proxy::{self, Bound, ProxyPath};
 use super::support::{self, free_port, sibling, wait_for, Guard, SETUP};
 use crate::results::{Metric, Results, System};
 use crate::workload::{self, Dialer};
@@ -130,12 +134,47 @@ struct Route {
 /// and the proxy path back to back; each figure is the median of its
 /// `--rounds` rounds (the machine's noise moves single runs by 15%).
 pub fn run(options: &Options) -> Result<Results> {
+    // The raw mesh first, on its own runtime: issue 6's throughput ratio is
+    // to its figure.
+    netstack::raise_fd_limit();
+    let seconds = Duration::from_secs(options.seconds);
+    let mut mesh = Vec::new();
+    for round in 1..=options.rounds.min(MESH_ROUNDS) {
+        eprintln!("forward: the raw mesh, round {round}");
+        let mut measured = Results::default();
+        netstack::run_mesh(seconds, &mut measured);
+        mesh.push(measured);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("build tokio runtime")?;
-    runtime.block_on(run_async(options))
+    let mut results = runtime.block_on(run_async(options))?;
+    results.extend(Results::medians(mesh));
+    Ok(results)
+}
+
+/// Rounds of the raw mesh (each also opens its 10,000 idle connections).
+const MESH_ROUNDS: u32 = 3;
+
+/// Issue 6's ratios, applied to the forwarder's figures.
+pub fn issue6_verdicts(results: &Results) -> Vec<proxy::Verdict> {
+    let at_least_mesh = Bound::MinTimes(netstack::SCENARIO, System::Gstacks, 0.8);
+    [
+        (Metric::ThroughputUp, at_least_mesh),
+        (Metric::ThroughputDown, at_least_mesh),
+        (
+            Metric::RttP50,
+            Bound::MaxTimesPlus(SCENARIO, System::Loopback, 1.5, 150.0),
+        ),
+    ]
+    .into_iter()
+    .map(|(metric, bound)| {
+        let ours = results.get(SCENARIO, System::Gstacks, metric);
+        proxy::evaluate_figure(results, metric, ours, bound)
+    })
+    .collect()
 }
 
 async fn run_async(options: &Options) -> Result<Results> {
@@ -257,14 +296,22 @@ pub fn comparisons(results: &Results) -> Vec<Comparison> {
         .collect()
 }
 
-/// The table for people: both paths and loopback, their ratios, and the
-/// target.
+/// The table for people: both paths, loopback and the raw mesh, each
+/// path's ratio to loopback, and both readings of the target.
 pub fn table(results: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:>9} {:>9} {:>9}   {:>9} {:>9}   target: forward ratio vs proxy ratio",
-        "metric", "unit", "forward", "proxy", "loopback", "fwd/lo", "proxy/lo"
+        "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<40} vs proxy ratio",
+        "metric",
+        "unit",
+        "forward",
+        "proxy",
+        "loopback",
+        "netstack",
+        "fwd/lo",
+        "proxy/lo",
+        "issue 6's ratios",
     );
     let cell = |v: Option<f64>| match v {
         Some(v) if v >= 100.0 => format!("{v:.0}"),
@@ -272,22 +319,31 @@ pub fn table(results: &Results) -> String {
         None => "n/a".to_owned(),
     };
     let times = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.2}x"));
+    let issue6 = issue6_verdicts(results);
     for c in comparisons(results) {
         let outcome = match c.held {
             Some(true) => "held",
             Some(false) => "missed",
             None => "not measured",
         };
+        let ratios = issue6
+            .iter()
+            .find(|v| v.metric == c.metric)
+            .map_or("no target".to_owned(), |v| {
+                format!("{}: {}", v.target, v.outcome())
+            });
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:>9} {:>9} {:>9}   {:>9} {:>9}   {outcome}",
+            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<40} {outcome}",
             c.metric.name(),
             c.metric.unit(),
             cell(results.get(SCENARIO, System::Gstacks, c.metric)),
             cell(results.get(proxy::SCENARIO, System::Gstacks, c.metric)),
             cell(results.get(SCENARIO, System::Loopback, c.metric)),
+            cell(results.get(netstack::SCENARIO, System::Gstacks, c.metric)),
             times(c.forward),
             times(c.proxy),
+            ratios,
         );
     }
     results.write_unavailable(&mut out, None);
@@ -427,8 +483,30 @@ mod tests {
         let held: Vec<Option<bool>> = comparisons(&r).iter().map(|c| c.held).collect();
         // 0.10 >= 0.9 x 0.105; 0.08 < 0.9 x 0.10; 7.5 <= 1.1 x 9; p99 missing.
         assert_eq!(held, [Some(true), Some(false), Some(true), None]);
+        // Issue 6's ratios: the raw mesh is missing, p50 150 <= 1.5 x 20 + 150.
+        let issue6: Vec<Option<bool>> = issue6_verdicts(&r).iter().map(|v| v.held).collect();
+        assert_eq!(issue6, [None, None, Some(true)]);
+        r.record(
+            netstack::SCENARIO,
+            System::Gstacks,
+            Metric::ThroughputUp,
+            1_200.0,
+        );
+        r.record(
+            netstack::SCENARIO,
+            System::Gstacks,
+            Metric::ThroughputDown,
+            1_200.0,
+        );
+        let issue6: Vec<Option<bool>> = issue6_verdicts(&r).iter().map(|v| v.held).collect();
+        // 1000 >= 0.8 x 1200; 800 < 960.
+        assert_eq!(issue6, [Some(true), Some(false), Some(true)]);
         let table = table(&r);
         assert!(table.contains("0.10x"), "{table}");
         assert!(table.contains("not measured"), "{table}");
+        assert!(
+            table.contains("<= 1.5x forward/loopback + 150 = 180: held"),
+            "{table}"
+        );
     }
 }

@@ -290,7 +290,7 @@ impl ProxyPath {
 
 /// A target of issue 6, checked against the figures of one run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Bound {
+pub(super) enum Bound {
     /// At least `ratio` x the baseline `(scenario, system)`.
     MinTimes(&'static str, System, f64),
     /// At most `ratio` x the baseline plus `plus`.
@@ -340,7 +340,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn outcome(&self) -> &'static str {
+    pub(super) fn outcome(&self) -> &'static str {
         match self.held {
             Some(true) => "held",
             Some(false) => "missed",
@@ -350,7 +350,17 @@ impl Verdict {
 }
 
 fn evaluate(results: &Results, metric: Metric, bound: Bound) -> Verdict {
-    let ours = ours(results, metric);
+    evaluate_figure(results, metric, ours(results, metric), bound)
+}
+
+/// `ours`, a figure of `metric`, against `bound` and the baselines in
+/// `results`.
+pub(super) fn evaluate_figure(
+    results: &Results,
+    metric: Metric,
+    ours: Option<f64>,
+    bound: Bound,
+) -> Verdict {
     let (target, limit, at_least) = match bound {
         Bound::MinTimes(scenario, system, ratio) => {
             let limit = results.get(scenario, system, metric).map(|b| b * ratio);
