@@ -302,7 +302,7 @@ pub fn table(results: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<40} vs proxy ratio",
+        "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<44} vs proxy ratio",
         "metric",
         "unit",
         "forward",
@@ -334,7 +334,7 @@ pub fn table(results: &Results) -> String {
             });
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<40} {outcome}",
+            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>9}   {:>8} {:>8}   {:<44} {outcome}",
             c.metric.name(),
             c.metric.unit(),
             cell(results.get(SCENARIO, System::Gstacks, c.metric)),
