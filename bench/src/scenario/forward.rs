@@ -12,16 +12,15 @@
 //! Issue 8's target is "the same ratios as the agent proxy path". The
 //! table checks it two ways:
 //! - issue 6's ratios applied to the forwarder: throughput at least 0.8x
-//!   the raw mesh's (rows with scenario `netstack`, measured by this run
-//!   first, medians of up to 3 rounds), p50 round trip at most 1.5x
-//!   loopback's + 150 us;
+//!   the raw mesh's (two `MeshNode`s in this process, rows with scenario
+//!   `netstack`), p50 round trip at most 1.5x loopback's + 150 us;
 //! - beside the proxy path itself (`gstacks-bench proxy`'s setup: agents A
 //!   and B, rows with scenario `proxy`) against the same service: each
 //!   path's ratio to loopback, held when the forwarder's is at least 0.9x
 //!   the proxy's for throughput and at most 1.1x for round trips.
 //!
-//! All three paths are up together; each round measures one metric through
-//! the three paths back to back, then the next metric, `--rounds` times
+//! All four paths are up together; each round measures one metric through
+//! the four paths back to back, then the next metric, `--rounds` times
 //! (default 5); each figure is the median of its rounds.
 
 use std::fmt::Write as _;
@@ -33,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::netstack::{self, kernel_dialer};
+use super::netstack::{self, kernel_dialer, RawMesh};
 use super::proxy::{self, Bound, ProxyPath};
 use super::support::{self, free_port, sibling, wait_for, Guard, SETUP};
 use crate::results::{Metric, Results, System};
@@ -130,33 +129,18 @@ struct Route {
 }
 
 /// Runs the scenario: everything is brought up, then each round measures
-/// upload, download and round trips, each through loopback, the forwarder
-/// and the proxy path back to back; each figure is the median of its
+/// upload, download and round trips, each through loopback, the raw mesh,
+/// the forwarder and the proxy path back to back; each figure is the median of its
 /// `--rounds` rounds (the machine's noise moves single runs by 15%).
 pub fn run(options: &Options) -> Result<Results> {
-    // The raw mesh first, on its own runtime: issue 6's throughput ratio is
-    // to its figure.
     netstack::raise_fd_limit();
-    let seconds = Duration::from_secs(options.seconds);
-    let mut mesh = Vec::new();
-    for round in 1..=options.rounds.min(MESH_ROUNDS) {
-        eprintln!("forward: the raw mesh, round {round}");
-        let mut measured = Results::default();
-        netstack::run_mesh(seconds, &mut measured);
-        mesh.push(measured);
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("build tokio runtime")?;
-    let mut results = runtime.block_on(run_async(options))?;
-    results.extend(Results::medians(mesh));
-    Ok(results)
+    runtime.block_on(run_async(options))
 }
-
-/// Rounds of the raw mesh (each also opens its 10,000 idle connections).
-const MESH_ROUNDS: u32 = 3;
 
 /// Issue 6's ratios, applied to the forwarder's figures.
 pub fn issue6_verdicts(results: &Results) -> Vec<proxy::Verdict> {
@@ -197,6 +181,21 @@ async fn run_async(options: &Options) -> Result<Results> {
         system: System::Loopback,
         dial: kernel_dialer(service, None),
     }];
+    // The raw mesh in this process, for issue 6's throughput ratio.
+    let mesh = match RawMesh::start(Vec::new()).await {
+        Ok(mesh) => {
+            paths.push(Route {
+                scenario: netstack::SCENARIO,
+                system: System::Gstacks,
+                dial: mesh.dial.clone(),
+            });
+            Some(mesh)
+        }
+        Err(e) => {
+            results.unavailable(netstack::SCENARIO, System::Gstacks, None, format!("{e:#}"));
+            None
+        }
+    };
     eprintln!("forward: gstacks mesh forward (control plane, agent, join)");
     let _forwarder = match forwarder(&work.path().join("forward"), service).await {
         Ok((local, children, control)) => {
@@ -253,6 +252,10 @@ async fn run_async(options: &Options) -> Result<Results> {
         rounds.push(measured);
     }
     results.extend(Results::medians(rounds));
+    if let Some(mesh) = mesh {
+        mesh.node_a.shutdown().await;
+        mesh.node_b.shutdown().await;
+    }
     Ok(results)
 }
 

@@ -363,53 +363,19 @@ fn mesh_and_onetun(
     results: &mut Results,
 ) -> Result<()> {
     let runtime = runtime()?;
-    let key_a = PrivateKey::generate();
-    let key_b = PrivateKey::generate();
     let key_child = PrivateKey::generate();
     let key_onetun = PrivateKey::generate();
-    // B first, without endpoints: it learns them from authenticated packets.
-    let config_b = mesh_config(
-        &key_b,
-        2,
-        vec![
-            mesh_peer(&key_a, 1, None),
-            mesh_peer(&key_child, 3, None),
-            mesh_peer(&key_onetun, 4, None),
-        ],
-    );
-    let node_b = runtime.block_on(bind_mesh(&config_b))?;
+    let RawMesh {
+        dial,
+        target,
+        node_a,
+        node_b,
+        key_b,
+    } = runtime.block_on(RawMesh::start(vec![
+        mesh_peer(&key_child, 3, None),
+        mesh_peer(&key_onetun, 4, None),
+    ]))?;
     let b_endpoint = node_b.local_addr();
-    let config_a = mesh_config(&key_a, 1, vec![mesh_peer(&key_b, 2, Some(b_endpoint))]);
-    let node_a = Arc::new(runtime.block_on(bind_mesh(&config_a))?);
-    let listener = {
-        let _guard = runtime.enter();
-        node_b.listen_tcp(SERVICE_PORT)?
-    };
-    runtime.spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(workload::serve(stream));
-                }
-                // The node shut down at the end of the scenario.
-                Err(_) => return,
-            }
-        }
-    });
-    let target = SocketAddr::from((overlay(2), SERVICE_PORT));
-    let dial: Dialer = {
-        let node_a = node_a.clone();
-        Arc::new(move || {
-            let node_a = node_a.clone();
-            Box::pin(async move {
-                let stream = node_a
-                    .dial_tcp(target)
-                    .await
-                    .map_err(std::io::Error::other)?;
-                Ok(Box::new(stream) as BoxStream)
-            })
-        })
-    };
     measure(&runtime, SCENARIO, System::Gstacks, &dial, seconds, results);
     let child_file = work.join("hold-idle.conf");
     let config_child = mesh_config(&key_child, 3, vec![mesh_peer(&key_b, 2, Some(b_endpoint))]);
@@ -448,6 +414,61 @@ fn mesh_and_onetun(
         node_b.shutdown().await;
     });
     Ok(())
+}
+
+/// The raw mesh: two `MeshNode`s in this process over loopback UDP, B
+/// serving the workload on its overlay port, A dialing it.
+pub(crate) struct RawMesh {
+    pub dial: Dialer,
+    pub target: SocketAddr,
+    pub node_a: Arc<MeshNode>,
+    pub node_b: MeshNode,
+    /// B's key, for further peers' configurations.
+    pub key_b: PrivateKey,
+}
+
+impl RawMesh {
+    /// Brings both nodes up on the current runtime; `more_peers` are
+    /// further peers of B (which learns every endpoint from authenticated
+    /// packets).
+    pub(crate) async fn start(more_peers: Vec<Peer>) -> Result<RawMesh> {
+        let key_a = PrivateKey::generate();
+        let key_b = PrivateKey::generate();
+        let mut peers_b = vec![mesh_peer(&key_a, 1, None)];
+        peers_b.extend(more_peers);
+        let node_b = bind_mesh(&mesh_config(&key_b, 2, peers_b)).await?;
+        let b_endpoint = node_b.local_addr();
+        let config_a = mesh_config(&key_a, 1, vec![mesh_peer(&key_b, 2, Some(b_endpoint))]);
+        let node_a = Arc::new(bind_mesh(&config_a).await?);
+        let listener = node_b.listen_tcp(SERVICE_PORT)?;
+        tokio::spawn(async move {
+            // Until the node shuts down.
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(workload::serve(stream));
+            }
+        });
+        let target = SocketAddr::from((overlay(2), SERVICE_PORT));
+        let dial: Dialer = {
+            let node_a = node_a.clone();
+            Arc::new(move || {
+                let node_a = node_a.clone();
+                Box::pin(async move {
+                    let stream = node_a
+                        .dial_tcp(target)
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    Ok(Box::new(stream) as BoxStream)
+                })
+            })
+        };
+        Ok(RawMesh {
+            dial,
+            target,
+            node_a,
+            node_b,
+            key_b,
+        })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
