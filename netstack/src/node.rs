@@ -83,7 +83,6 @@ pub struct PeerConfig {
     pub preshared_key: Option<PresharedKey>,
 }
 
-/// A datagram to send on the node's UDP socket.
 /// See [`Node::tcp_buffer_memory`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferMemory {
@@ -91,6 +90,7 @@ pub struct BufferMemory {
     pub resident_bytes: usize,
 }
 
+/// A datagram to send on the node's UDP socket.
 #[derive(Debug)]
 pub struct Transmit {
     pub destination: SocketAddr,
