@@ -685,8 +685,13 @@ impl Node {
 
     // ---- TCP ----
 
-    /// A TCP socket with its rings, and the slot to free with it.
-    fn new_tcp_socket(&mut self) -> Result<(tcp::Socket<'static>, Slot), NetstackError> {
+    /// A new TCP socket with its rings, `prepare`d (connect or listen) and
+    /// put in the set; if `prepare` fails, the rings' slot is freed.
+    fn add_tcp_socket(
+        &mut self,
+        prepare: impl FnOnce(&mut tcp::Socket<'static>, &mut Interface) -> Result<(), NetstackError>,
+        meta: SocketMeta,
+    ) -> Result<SocketId, NetstackError> {
         let (slot, rings) = self.buffers.take().map_err(NetstackError::Memory)?;
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(rings.rx),
@@ -702,17 +707,6 @@ impl Node {
         socket.set_ack_delay(Some(smoltcp::time::Duration::from_micros(
             ACK_DELAY.as_micros() as u64,
         )));
-        Ok((socket, slot))
-    }
-
-    /// Put a new TCP socket in the set, or free its slot if `prepare`
-    /// (connect or listen) fails.
-    fn add_tcp_socket(
-        &mut self,
-        (mut socket, slot): (tcp::Socket<'static>, Slot),
-        prepare: impl FnOnce(&mut tcp::Socket<'static>, &mut Interface) -> Result<(), NetstackError>,
-        meta: SocketMeta,
-    ) -> Result<SocketId, NetstackError> {
         if let Err(e) = prepare(&mut socket, &mut self.iface) {
             drop(socket);
             self.buffers.recycle(slot);
@@ -744,9 +738,7 @@ impl Node {
             .local_address_for(remote.ip())
             .ok_or(NetstackError::NoRoute(remote.ip()))?;
         let port = self.ephemeral_port()?;
-        let socket = self.new_tcp_socket()?;
         let id = self.add_tcp_socket(
-            socket,
             |socket, iface| {
                 socket
                     .connect(iface.context(), remote, SocketAddr::new(local, port))
@@ -961,9 +953,7 @@ impl Node {
     }
 
     fn new_listen_socket(&mut self, port: u16) -> Result<SocketId, NetstackError> {
-        let socket = self.new_tcp_socket()?;
         self.add_tcp_socket(
-            socket,
             |socket, _| {
                 socket
                     .listen(IpListenEndpoint { addr: None, port })
