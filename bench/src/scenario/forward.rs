@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use super::netstack::{self, kernel_dialer, RawMesh};
-use super::proxy::{self, Bound, ProxyPath};
+use super::proxy::{self, ProxyPath};
 use super::support::{self, free_port, sibling, wait_for, Guard, SETUP};
 use crate::results::{Metric, Results, System};
 use crate::workload::{self, Dialer};
@@ -121,7 +121,8 @@ impl Step {
     }
 }
 
-/// A path (loopback, the forwarder, the proxy path) measured in each round.
+/// A path (loopback, the raw mesh, the forwarder, the proxy path)
+/// measured in each round.
 struct Route {
     scenario: &'static str,
     system: System,
@@ -144,21 +145,13 @@ pub fn run(options: &Options) -> Result<Results> {
 
 /// Issue 6's ratios, applied to the forwarder's figures.
 pub fn issue6_verdicts(results: &Results) -> Vec<proxy::Verdict> {
-    let at_least_mesh = Bound::MinTimes(netstack::SCENARIO, System::Gstacks, 0.8);
-    [
-        (Metric::ThroughputUp, at_least_mesh),
-        (Metric::ThroughputDown, at_least_mesh),
-        (
-            Metric::RttP50,
-            Bound::MaxTimesPlus(SCENARIO, System::Loopback, 1.5, 150.0),
-        ),
-    ]
-    .into_iter()
-    .map(|(metric, bound)| {
-        let ours = results.get(SCENARIO, System::Gstacks, metric);
-        proxy::evaluate_figure(results, metric, ours, bound)
-    })
-    .collect()
+    proxy::path_targets(SCENARIO)
+        .into_iter()
+        .map(|(metric, bound)| {
+            let ours = results.get(SCENARIO, System::Gstacks, metric);
+            proxy::evaluate_figure(results, metric, ours, bound)
+        })
+        .collect()
 }
 
 async fn run_async(options: &Options) -> Result<Results> {
